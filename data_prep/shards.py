@@ -1,0 +1,353 @@
+"""Episode shards: a crash-safe, reproducible WebDataset writer, the manifest, job-array merge and verify.
+
+Layout of a prepared directory::
+
+    <out>/<split>-000000.tar ...          shards (one ``<key>.json`` member per episode)
+    <out>/manifest.json                   what the shards hold (see :func:`build_manifest`)
+
+Job-array pieces write ``<split>-j0003-000000.tar`` and ``manifest.part-0003-of-0008.json``;
+:func:`merge_manifests` joins the parts into one ``manifest.json`` (shards are not renamed).
+
+Guarantees:
+- a shard exists under its final name only once it is complete (written as ``.tmp``, renamed on close);
+- the same episodes give byte-identical tars (fixed mtime/owner/mode, canonical JSON) and manifests;
+- every shard's sample count and sha256 are in the manifest, and :func:`verify` re-checks them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tarfile
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import webdataset as wds
+
+from hypertrain.episode import Episode
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+_PART_RE = re.compile(r"manifest\.part-(\d{4})-of-(\d{4})\.json$")
+_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+class ShardError(RuntimeError):
+    """A prepared directory does not match its manifest (missing, corrupt or truncated shard, bad counts)."""
+
+
+def sample_key(episode_id: str) -> str:
+    """WebDataset key for an episode id: dots and slashes would split or nest the key, so map them to ``_``."""
+    return _KEY_UNSAFE.sub("_", episode_id)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def shard_prefix(split: str, num_jobs: int = 1, job_index: int = 0) -> str:
+    return split if num_jobs == 1 else f"{split}-j{job_index:04d}"
+
+
+class EpisodeShardWriter:
+    """Writes episodes into size- and count-bounded tars through ``webdataset.ShardWriter``.
+
+    Each shard is written to ``<name>.tmp`` and renamed when complete, so a killed job never leaves a
+    truncated shard under a final name. Use as a context manager; :attr:`shards` lists what was written.
+    """
+
+    def __init__(self, out_dir: str | Path, prefix: str, max_samples: int, max_bytes: int) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.prefix = prefix
+        self.shards: list[dict[str, Any]] = []
+        self._counts: Counter[str] = Counter()
+        self._keys: set[str] = set()
+        remove_stale_shards(self.out_dir, prefix)
+        self._writer = wds.ShardWriter(
+            str(self.out_dir / f"{prefix}-%06d.tar"),
+            maxcount=max_samples,
+            maxsize=max_bytes,
+            post=self._finalize,
+            opener=lambda fname: open(fname + ".tmp", "wb"),
+            verbose=0,
+            # Reproducible tar headers: fixed mtime, owner and mode.
+            mtime=0,
+            user="hypertrain",
+            group="hypertrain",
+            mode=0o444,
+        )
+
+    def write(self, episode: Episode) -> None:
+        key = sample_key(episode.id)
+        if key in self._keys:
+            raise ValueError(f"duplicate episode id {episode.id!r} (key {key!r}) in {self.prefix}")
+        self._keys.add(key)
+        self._writer.write({"__key__": key, "json": episode.to_json()})
+        self._counts[self._writer.fname] += 1
+
+    def _finalize(self, fname: str) -> None:
+        tmp = Path(fname + ".tmp")
+        count = self._counts.get(fname, 0)
+        if count == 0:  # ShardWriter opens a first shard eagerly; drop it if nothing was written.
+            tmp.unlink(missing_ok=True)
+            return
+        final = Path(fname)
+        entry = {"file": final.name, "num_samples": count, "sha256": sha256_file(tmp)}
+        os.replace(tmp, final)
+        self.shards.append(entry)
+
+    def close(self) -> None:
+        self._writer.close()
+
+    def __enter__(self) -> EpisodeShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # leave no partial shard behind under any name
+            stream = getattr(self._writer, "tarstream", None)
+            if stream is not None:
+                stream.close()
+            for tmp in self.out_dir.glob(f"{self.prefix}-*.tar.tmp"):
+                tmp.unlink(missing_ok=True)
+
+
+def remove_stale_shards(out_dir: Path, prefix: str) -> None:
+    """Delete shards of an earlier run with the same prefix, so the directory holds only this run's."""
+    pattern = re.compile(re.escape(prefix) + r"-\d{6}\.tar(\.tmp)?$")
+    for path in out_dir.iterdir():
+        if pattern.match(path.name):
+            path.unlink()
+
+
+def build_manifest(
+    *,
+    source: str,
+    split: str,
+    options: Mapping[str, Any],
+    shards: list[dict[str, Any]],
+    tasks: Mapping[str, int],
+    skipped: Mapping[str, int],
+    categories: Mapping[str, list[str]] | None = None,
+    dropped_tasks: Mapping[str, list[str]] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The manifest of a prepared directory. Keys are sorted when written, so equal content gives equal bytes.
+
+    - ``tasks``: task → number of episodes written;
+    - ``skipped``: reason → count (``task:<why>`` counts tasks, ``instance:<why>`` counts instances);
+    - ``dropped_tasks``: reason → task names that the task filter removed before reading;
+    - ``extra``: source-specific facts (P3: per-subset datasets and filter decisions).
+    """
+    num_samples = sum(shard["num_samples"] for shard in shards)
+    if num_samples != sum(tasks.values()):
+        raise AssertionError(f"shards hold {num_samples} samples but tasks count {sum(tasks.values())}")
+    return {
+        "format_version": FORMAT_VERSION,
+        "source": source,
+        "split": split,
+        "options": dict(options),
+        "num_samples": num_samples,
+        "shards": shards,
+        "tasks": dict(sorted(tasks.items())),
+        "categories": dict(sorted((categories or {}).items())),
+        "skipped": dict(sorted(skipped.items())),
+        "dropped_tasks": {k: sorted(v) for k, v in sorted((dropped_tasks or {}).items())},
+        "extra": dict(extra or {}),
+    }
+
+
+def manifest_filename(num_jobs: int = 1, job_index: int = 0) -> str:
+    if num_jobs == 1:
+        return MANIFEST_NAME
+    return f"manifest.part-{job_index:04d}-of-{num_jobs:04d}.json"
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """Read ``manifest.json`` (or a directory holding one), with errors that name the file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MANIFEST_NAME
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise ShardError(f"no manifest at {path}") from err
+    except json.JSONDecodeError as err:
+        raise ShardError(f"{path}: manifest is not valid JSON ({err})") from err
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ShardError(f"{path}: manifest format_version {version!r}, this hypertrain reads {FORMAT_VERSION}")
+    return manifest
+
+
+def merge_manifests(out_dir: str | Path, remove_parts: bool = True) -> dict[str, Any]:
+    """Join the partial manifests of a job array into ``manifest.json``.
+
+    All parts must be present and agree on everything but ``job_index``. Episodes keep piece order, so the
+    merged directory holds the same episodes, in the same order, as a single run over the same input.
+    """
+    out_dir = Path(out_dir)
+    parts: dict[int, Path] = {}
+    totals = set()
+    for path in sorted(out_dir.iterdir()):
+        match = _PART_RE.match(path.name)
+        if match:
+            parts[int(match.group(1))] = path
+            totals.add(int(match.group(2)))
+    if not parts:
+        raise ShardError(f"{out_dir}: no partial manifests (manifest.part-*-of-*.json) to merge")
+    if len(totals) != 1:
+        raise ShardError(f"{out_dir}: partial manifests from different job arrays: of-{sorted(totals)}")
+    (num_jobs,) = totals
+    missing = sorted(set(range(num_jobs)) - set(parts))
+    if missing:
+        raise ShardError(f"{out_dir}: job-array pieces {missing} of {num_jobs} have no partial manifest yet")
+
+    pieces = [json.loads(parts[i].read_text(encoding="utf-8")) for i in range(num_jobs)]
+    first = pieces[0]
+    shared_keys = ("source", "split", "dropped_tasks")
+    for index, piece in enumerate(pieces):
+        for key in shared_keys:
+            if piece[key] != first[key]:
+                raise ShardError(f"{parts[index].name}: {key} differs from piece 0")
+        options = {k: v for k, v in piece["options"].items() if k != "job_index"}
+        if options != {k: v for k, v in first["options"].items() if k != "job_index"}:
+            raise ShardError(f"{parts[index].name}: options differ from piece 0")
+
+    tasks: dict[str, int] = {}
+    categories: dict[str, list[str]] = {}
+    skipped: Counter[str] = Counter()
+    shards: list[dict[str, Any]] = []
+    extra: dict[str, Any] = {}
+    for index, piece in enumerate(pieces):
+        overlap = set(tasks) & set(piece["tasks"])
+        if overlap:
+            raise ShardError(f"{parts[index].name}: tasks {sorted(overlap)[:3]} also appear in another piece")
+        tasks.update(piece["tasks"])
+        categories.update(piece["categories"])
+        skipped.update(piece["skipped"])
+        shards.extend(piece["shards"])
+        extra = _merge_extra(extra, piece.get("extra", {}))
+
+    options = dict(first["options"], job_index=0, num_jobs=1)
+    manifest = build_manifest(
+        source=first["source"],
+        split=first["split"],
+        options=options,
+        shards=shards,
+        tasks=tasks,
+        skipped=dict(skipped),
+        categories=categories,
+        dropped_tasks=first["dropped_tasks"],
+        extra=extra,
+    )
+    manifest["merged_from"] = num_jobs
+    write_json_atomic(out_dir / MANIFEST_NAME, manifest)
+    if remove_parts:
+        for path in parts.values():
+            path.unlink()
+    return manifest
+
+
+def _merge_extra(into: dict[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge source-specific manifest facts: dicts are unioned, numbers added, lists concatenated."""
+    for key, value in new.items():
+        if key not in into:
+            into[key] = json.loads(json.dumps(value))
+        elif isinstance(value, Mapping) and isinstance(into[key], dict):
+            _merge_extra(into[key], value)
+        elif isinstance(value, int | float) and isinstance(into[key], int | float):
+            into[key] += value
+        elif isinstance(value, list) and isinstance(into[key], list):
+            into[key].extend(value)
+        elif into[key] != value:
+            raise ShardError(f"partial manifests disagree on extra.{key}: {into[key]!r} vs {value!r}")
+    return into
+
+
+def iter_shard_episodes(path: str | Path) -> Iterable[Episode]:
+    """Episodes of one shard, in order (plain tarfile: strict, raises on truncation)."""
+    for _key, payload in _iter_members(Path(path)):
+        yield Episode.from_json(payload)
+
+
+def _iter_members(path: Path) -> Iterable[tuple[str, bytes]]:
+    with tarfile.open(path, mode="r:") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            handle = tar.extractfile(member)
+            assert handle is not None
+            data = handle.read()
+            if len(data) != member.size:
+                raise ShardError(f"{path}: member {member.name} is truncated")
+            yield member.name, data
+
+
+def read_episodes(out_dir: str | Path) -> list[Episode]:
+    """All episodes of a prepared directory, in manifest order (for tests and small evaluation sets)."""
+    out_dir = Path(out_dir)
+    manifest = read_manifest(out_dir)
+    episodes: list[Episode] = []
+    for shard in manifest["shards"]:
+        episodes.extend(iter_shard_episodes(out_dir / shard["file"]))
+    return episodes
+
+
+def verify(out_dir: str | Path) -> dict[str, Any]:
+    """Re-read every shard of ``out_dir`` and check it against the manifest; raise ShardError on a mismatch.
+
+    Checks: each listed shard exists, its sha256 matches, it reads to the end as a tar (truncation is caught),
+    every member is ``<key>.json`` holding a valid episode, per-shard and total sample counts match, and
+    the per-task counts match the episodes found.
+    """
+    out_dir = Path(out_dir)
+    manifest = read_manifest(out_dir)
+    task_counts: Counter[str] = Counter()
+    total = 0
+    for shard in manifest["shards"]:
+        path = out_dir / shard["file"]
+        if not path.is_file():
+            raise ShardError(f"{path}: shard listed in the manifest is missing")
+        digest = sha256_file(path)
+        if digest != shard["sha256"]:
+            raise ShardError(f"{path}: sha256 {digest[:12]}… does not match the manifest's {shard['sha256'][:12]}…")
+        count = 0
+        try:
+            for name, payload in _iter_members(path):
+                if not name.endswith(".json"):
+                    raise ShardError(f"{path}: unexpected member {name} (episodes are <key>.json)")
+                try:
+                    episode = Episode.from_json(payload)
+                except ValueError as err:
+                    raise ShardError(f"{path}: member {name} is not a valid episode: {err}") from err
+                task_counts[episode.task] += 1
+                count += 1
+        except (tarfile.TarError, EOFError, OSError) as err:
+            raise ShardError(f"{path}: unreadable or truncated tar ({err})") from err
+        if count != shard["num_samples"]:
+            raise ShardError(f"{path}: holds {count} samples, manifest says {shard['num_samples']}")
+        total += count
+    if total != manifest["num_samples"]:
+        raise ShardError(f"{out_dir}: shards hold {total} samples, manifest says {manifest['num_samples']}")
+    if dict(task_counts) != manifest["tasks"]:
+        diff = {t for t in set(task_counts) | set(manifest["tasks"]) if task_counts[t] != manifest["tasks"].get(t)}
+        raise ShardError(f"{out_dir}: per-task counts differ from the manifest for {sorted(diff)[:5]}")
+    return {"shards": len(manifest["shards"]), "num_samples": total, "tasks": len(task_counts)}

@@ -1,0 +1,36 @@
+"""The ``hypertrain`` command: one sub-command per module, each registering its own arguments.
+
+A sub-command module exposes ``register(subparsers)`` which adds its parser and sets ``func`` to a callable
+taking the parsed arguments and returning an exit code. Modules are imported lazily so that ``hypertrain
+--help`` stays fast and a broken optional dependency only affects its own command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# sub-command → module that registers it
+COMMANDS: dict[str, str] = {
+    "params": "hypertrain.params",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hypertrain", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module_name in COMMANDS.values():
+        importlib.import_module(module_name).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

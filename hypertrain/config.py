@@ -1,0 +1,254 @@
+"""Typed configuration: dataclasses, YAML files and ``key.sub=value`` command-line overrides.
+
+Every option lives in a dataclass with a type and a default. :func:`load_config` reads a YAML file,
+applies overrides and converts the result into the dataclass tree, rejecting unknown keys and values of
+the wrong type with a :class:`ConfigError` that names the offending key (``prep.max_instances_per_task:
+expected int, got 'many'``). Validation happens here, before any process starts.
+
+Later subsystems add their own sections to :class:`Config`; the machinery below is generic.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or of the wrong type; the message names the key."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class SNIPrepConfig:
+    """Options of ``python -m data_prep.sni`` (Super-NaturalInstructions → episode shards)."""
+
+    src: str = ""
+    """Checkout of the S-NI repository (holds ``tasks/`` and ``splits/``)."""
+    out: str = ""
+    """Output directory for shards and ``manifest.json``."""
+    split: Literal["train", "test"] = "train"
+    splits_name: str = "default"
+    """Folder under ``splits/`` that holds ``{train,test,excluded}_tasks.txt``."""
+    max_instances_per_task: int = 100
+    """Instances kept per task (Tk-Instruct / HINT use 100; the test split keeps the first N in file order)."""
+    num_pos_examples: int = 2
+    """Positive examples in the hypernetwork input (Def+2Pos)."""
+    seed: int = 42
+    shard_max_samples: int = 10000
+    shard_max_bytes: int = 256 * 1024**2
+    workers: int = 1
+    num_jobs: int = 1
+    job_index: int = 0
+    skip_bad: bool = False
+    """Skip and count bad tasks/instances instead of stopping with an error."""
+    allow_missing_tasks: bool = True
+    """Task names listed in the split files but absent from ``tasks/`` are dropped and counted."""
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Which T5 the pipeline builds: a registry name, a hub name or a local checkpoint path."""
+
+    name: str = "tiny"
+    """``tiny``/``small``/``base``/``large``/``xl``/``xxl``, ``google/t5-xl-lm-adapt``, or a local path."""
+    tokenizer: str | None = None
+    """Tokenizer name or path; ``None`` uses the model's own (ByT5's byte tokenizer for ``tiny``)."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """``auto``: bf16 on GPU, fp32 on CPU."""
+    attn_implementation: Literal["eager", "sdpa"] = "sdpa"
+
+
+@dataclasses.dataclass
+class Config:
+    """Top-level experiment configuration (``configs/*.yaml``)."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    sni_prep: SNIPrepConfig = dataclasses.field(default_factory=SNIPrepConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Machinery
+# --------------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Convert ``value`` (parsed YAML) to type ``tp`` or raise a ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: expected one of {list(args)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, prefix=key)
+    if origin in (list, Sequence) or tp is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp,) = args or (Any,)
+        return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (dict, Mapping) or tp is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        key_tp, val_tp = args or (Any, Any)
+        return {_convert(k, key_tp, key): _convert(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected int, got {value!r}")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected float, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if tp is Path:
+        if isinstance(value, str | Path):
+            return Path(value)
+        raise ConfigError(f"{key}: expected a path, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any] | None, prefix: str = "") -> T:
+    """Build dataclass ``cls`` from a mapping; unknown keys and wrong types raise ConfigError."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix or '<root>'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown config key {where}{unknown[0]!s}; valid keys here: {', '.join(sorted(fields))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _convert(value, hints[name], key)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The dataclass tree as plain dicts/lists (YAML/JSON serialisable)."""
+    return dataclasses.asdict(cfg)
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` → ``{"a.b": 1}`` (for MLflow params and printing)."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, full))
+        else:
+            flat[full] = value
+    return flat
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"a.b=3"`` → (["a", "b"], 3); the value is parsed as YAML (``true``, ``1e-4``, ``[1, 2]``, ``null``)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip().lstrip("-")
+    if not sep or not key:
+        raise ConfigError(f"override {text!r} is not of the form key.sub=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({err})") from err
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` strings to a nested dict (in place; also returned)."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with errors that name the file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise ConfigError(f"config file not found: {path}") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def load_config(
+    cls: type[T] = Config,  # type: ignore[assignment]
+    path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    defaults: Mapping[str, Any] | None = None,
+) -> T:
+    """Defaults ← YAML file ← overrides, converted and validated into ``cls``."""
+    data: dict[str, Any] = copy.deepcopy(dict(defaults or {}))
+    if path is not None:
+        data = _deep_merge(data, read_yaml(path))
+    apply_overrides(data, overrides)
+    try:
+        return from_dict(cls, data)
+    except ConfigError as err:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{where}{err}") from err
+
+
+def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
+    return base
