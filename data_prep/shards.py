@@ -26,8 +26,6 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import webdataset as wds
-
 from hypertrain.episode import Episode
 
 MANIFEST_NAME = "manifest.json"
@@ -72,12 +70,14 @@ class EpisodeShardWriter:
         self._counts: Counter[str] = Counter()
         self._keys: set[str] = set()
         remove_stale_shards(self.out_dir, prefix)
+        import webdataset as wds  # imports torch: keep it out of prep worker processes, which only parse
+
         self._writer = wds.ShardWriter(
             str(self.out_dir / f"{prefix}-%06d.tar"),
             maxcount=max_samples,
             maxsize=max_bytes,
             post=self._finalize,
-            opener=lambda fname: open(fname + ".tmp", "wb"),
+            opener=lambda fname: open(fname + ".tmp", "wb"),  # noqa: SIM115 (ShardWriter closes it)
             verbose=0,
             # Reproducible tar headers: fixed mtime, owner and mode.
             mtime=0,
@@ -140,6 +140,7 @@ def build_manifest(
     skipped: Mapping[str, int],
     categories: Mapping[str, list[str]] | None = None,
     dropped_tasks: Mapping[str, list[str]] | None = None,
+    filters: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The manifest of a prepared directory. Keys are sorted when written, so equal content gives equal bytes.
@@ -147,7 +148,8 @@ def build_manifest(
     - ``tasks``: task → number of episodes written;
     - ``skipped``: reason → count (``task:<why>`` counts tasks, ``instance:<why>`` counts instances);
     - ``dropped_tasks``: reason → task names that the task filter removed before reading;
-    - ``extra``: source-specific facts (P3: per-subset datasets and filter decisions).
+    - ``filters``: run-level decisions made before the work was split (identical in every job-array piece);
+    - ``extra``: source-specific facts gathered per unit (merged across pieces: dicts union, numbers add).
     """
     num_samples = sum(shard["num_samples"] for shard in shards)
     if num_samples != sum(tasks.values()):
@@ -163,6 +165,7 @@ def build_manifest(
         "categories": dict(sorted((categories or {}).items())),
         "skipped": dict(sorted(skipped.items())),
         "dropped_tasks": {k: sorted(v) for k, v in sorted((dropped_tasks or {}).items())},
+        "filters": dict(filters or {}),
         "extra": dict(extra or {}),
     }
 
@@ -222,7 +225,7 @@ def merge_manifests(out_dir: str | Path, remove_parts: bool = True) -> dict[str,
 
     pieces = [json.loads(parts[i].read_text(encoding="utf-8")) for i in range(num_jobs)]
     first = pieces[0]
-    shared_keys = ("source", "split", "dropped_tasks")
+    shared_keys = ("source", "split", "filters")
     for index, piece in enumerate(pieces):
         for key in shared_keys:
             if piece[key] != first[key]:
@@ -236,7 +239,11 @@ def merge_manifests(out_dir: str | Path, remove_parts: bool = True) -> dict[str,
     skipped: Counter[str] = Counter()
     shards: list[dict[str, Any]] = []
     extra: dict[str, Any] = {}
+    # Run-level drops appear in every piece, per-unit drops in one: a set union counts each task once.
+    dropped: dict[str, set[str]] = {}
     for index, piece in enumerate(pieces):
+        for reason, names in piece["dropped_tasks"].items():
+            dropped.setdefault(reason, set()).update(names)
         overlap = set(tasks) & set(piece["tasks"])
         if overlap:
             raise ShardError(f"{parts[index].name}: tasks {sorted(overlap)[:3]} also appear in another piece")
@@ -244,7 +251,7 @@ def merge_manifests(out_dir: str | Path, remove_parts: bool = True) -> dict[str,
         categories.update(piece["categories"])
         skipped.update(piece["skipped"])
         shards.extend(piece["shards"])
-        extra = _merge_extra(extra, piece.get("extra", {}))
+        extra = merge_extra(extra, piece.get("extra", {}))
 
     options = dict(first["options"], job_index=0, num_jobs=1)
     manifest = build_manifest(
@@ -255,7 +262,8 @@ def merge_manifests(out_dir: str | Path, remove_parts: bool = True) -> dict[str,
         tasks=tasks,
         skipped=dict(skipped),
         categories=categories,
-        dropped_tasks=first["dropped_tasks"],
+        dropped_tasks={reason: sorted(names) for reason, names in dropped.items()},
+        filters=first["filters"],
         extra=extra,
     )
     manifest["merged_from"] = num_jobs
@@ -266,19 +274,20 @@ def merge_manifests(out_dir: str | Path, remove_parts: bool = True) -> dict[str,
     return manifest
 
 
-def _merge_extra(into: dict[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
-    """Merge source-specific manifest facts: dicts are unioned, numbers added, lists concatenated."""
+def merge_extra(into: dict[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """Fold source-specific manifest facts together: dicts union, numbers add, lists concatenate;
+    anything else must be equal."""
     for key, value in new.items():
         if key not in into:
             into[key] = json.loads(json.dumps(value))
         elif isinstance(value, Mapping) and isinstance(into[key], dict):
-            _merge_extra(into[key], value)
-        elif isinstance(value, int | float) and isinstance(into[key], int | float):
+            merge_extra(into[key], value)
+        elif isinstance(value, int | float) and not isinstance(value, bool) and isinstance(into[key], int | float):
             into[key] += value
         elif isinstance(value, list) and isinstance(into[key], list):
             into[key].extend(value)
         elif into[key] != value:
-            raise ShardError(f"partial manifests disagree on extra.{key}: {into[key]!r} vs {value!r}")
+            raise ShardError(f"extra.{key} disagrees between parts: {into[key]!r} vs {value!r}")
     return into
 
 

@@ -58,6 +58,15 @@ class SNIPrepConfig:
     allow_missing_tasks: bool = True
     """Task names listed in the split files but absent from ``tasks/`` are dropped and counted."""
 
+    def __post_init__(self) -> None:
+        for name in ("num_pos_examples", "shard_max_samples", "shard_max_bytes", "workers", "num_jobs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"sni_prep.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.max_instances_per_task < 0:
+            raise ConfigError(f"sni_prep.max_instances_per_task: must be >= 0 (0 keeps all), got {self.max_instances_per_task}")
+        if not 0 <= self.job_index < self.num_jobs:
+            raise ConfigError(f"sni_prep.job_index: must be in [0, num_jobs={self.num_jobs}), got {self.job_index}")
+
 
 @dataclasses.dataclass
 class ModelConfig:
@@ -73,11 +82,66 @@ class ModelConfig:
 
 
 @dataclasses.dataclass
+class PhaConfig:
+    """PHA (prototype-based HyperAdapter). Defaults follow the paper; ``docs/pha.md`` lists the reference
+    code's choices (offered here as options) and why each default was picked."""
+
+    adapter_bottleneck: int = 64
+    """b: adapter bottleneck, encoder (task-shared) and decoder (generated) alike."""
+    retriever_hidden: int = 128
+    """Hidden width of the retriever G = Linear(d, ·) → ReLU → Linear(·, d')."""
+    retrieval_dim: int = 128
+    """d': retrieval vectors, prototypes and layer embeddings (paper 128; reference code 64)."""
+    mixed_dim: int = 32
+    """d_h: mixed embedding from the project network (paper: 32 multi-task, 64 other experiments)."""
+    project_network: Literal["linear", "mlp"] = "linear"
+    """``linear``: Linear(2d', d_h) (paper, appendix B); ``mlp``: Linear → ReLU → Linear → LayerNorm (reference)."""
+    project_hidden: int = 128
+    """Hidden width of the ``mlp`` project network."""
+    encoder_adapters: bool = True
+    """Task-shared adapters in the encoder's FFN sublayers."""
+    hyper_init_scale: float = 1e-3
+    """Scale of the hyper-fan-in init of the hypernetwork heads (generated adapters start near zero)."""
+    loss_weight: float = 0.1
+    """λ in L = L_PLM + λ (L_IR + L_Pro)."""
+    temperature: float = 0.1
+    """Temperature of both contrastive losses (paper silent; reference 0.1)."""
+    ir_denominator: Literal["negatives", "all"] = "negatives"
+    """L_IR denominator: negatives only (paper Eq. 3) or every other instance (reference code, SupCon)."""
+    pro_denominator: Literal["negatives", "all"] = "negatives"
+    """L_Pro denominator: other prototypes only (paper Eq. 5 and reference code) or all (standard InfoNCE)."""
+    loss_reduction: Literal["task", "anchor"] = "task"
+    """Per-task mean then mean over tasks (paper Eq. 4/6) or one mean over anchors (reference code)."""
+    retrieval: Literal["mean", "vote"] = "mean"
+    """New task → prototype: cosine to the mean retrieval vector, or a per-instance majority vote."""
+    top_k: int = 1
+    """Mix the k nearest prototypes with softmax weights (1 = the paper's argmax)."""
+    top_k_temperature: float = 0.1
+    """Temperature of the softmax over the top-k cosine similarities."""
+    new_task: Literal["zero_shot", "tune_prototype"] = "tune_prototype"
+    """For a new task: use the retrieved embedding as is, or tune it (all else frozen) on the few shots."""
+    eval_task_source: Literal["task_id", "retrieve"] = "task_id"
+    """Known tasks at evaluation: the batch's ``task_ids`` (paper) or per-instance retrieval."""
+    tasks: list[str] = dataclasses.field(default_factory=list)
+    """Training task names; empty → the union of the training shards' manifests. Always used sorted."""
+
+    def __post_init__(self) -> None:
+        positive = ("adapter_bottleneck", "retriever_hidden", "retrieval_dim", "mixed_dim", "project_hidden")
+        for name in (*positive, "top_k"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"pha.{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("temperature", "top_k_temperature"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"pha.{name}: must be > 0, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass
 class Config:
     """Top-level experiment configuration (``configs/*.yaml``)."""
 
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     sni_prep: SNIPrepConfig = dataclasses.field(default_factory=SNIPrepConfig)
+    pha: PhaConfig = dataclasses.field(default_factory=PhaConfig)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -134,6 +198,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "5e-5" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key}: expected float, got {value!r}")
     if tp is str:
         if isinstance(value, str):

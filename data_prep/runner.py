@@ -1,0 +1,152 @@
+"""Run a prep job: units of work (one task each) → episodes → shards + manifest, in parallel or as one piece
+of a Slurm job array.
+
+A source module (``data_prep.sni``, ``data_prep.p3``) supplies the ordered list of units and a picklable
+function that turns one unit into a :class:`UnitResult`. This module does the rest the same way for every
+source: it takes this piece's contiguous block of units, maps them over ``workers`` processes **in order**
+(so the output never depends on the number of workers), writes the episodes through
+:class:`~data_prep.shards.EpisodeShardWriter` and writes the (partial) manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from tqdm import tqdm
+
+from data_prep.shards import (
+    EpisodeShardWriter,
+    build_manifest,
+    manifest_filename,
+    merge_extra,
+    shard_prefix,
+    write_json_atomic,
+)
+from hypertrain.episode import Episode
+
+U = TypeVar("U")
+
+
+class PrepError(RuntimeError):
+    """Bad input: the message names the file and the record or field."""
+
+
+@dataclasses.dataclass
+class UnitResult:
+    """What one unit of work (one task / prompted subset) produced."""
+
+    task: str
+    episodes: list[Episode]
+    categories: list[str] = dataclasses.field(default_factory=list)
+    skipped: Counter[str] = dataclasses.field(default_factory=Counter)
+    """reason → count; ``task:<why>`` for whole units skipped, ``instance:<why>`` for records."""
+    dropped: str | None = None
+    """Set when a filter removed the whole unit (e.g. ``non_english``): listed under ``dropped_tasks``."""
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Source-specific facts for the manifest's ``extra`` (merged across units and pieces)."""
+
+
+def piece_of(units: Sequence[U], num_jobs: int, job_index: int) -> list[U]:
+    """Contiguous block ``job_index`` of ``num_jobs`` near-equal blocks; concatenated in order they give ``units``."""
+    if num_jobs < 1:
+        raise ValueError(f"--num-jobs must be >= 1, got {num_jobs}")
+    if not 0 <= job_index < num_jobs:
+        raise ValueError(f"--job-index must be in [0, {num_jobs}), got {job_index}")
+    start = len(units) * job_index // num_jobs
+    stop = len(units) * (job_index + 1) // num_jobs
+    return list(units[start:stop])
+
+
+def map_in_order(
+    fn: Callable[[U], UnitResult], units: Sequence[U], workers: int, desc: str
+) -> Iterator[UnitResult]:
+    """``map(fn, units)`` over ``workers`` processes, results in input order, with a progress bar on a terminal."""
+    bar = tqdm(total=len(units), desc=desc, unit="task", disable=None, file=sys.stderr)
+    try:
+        if workers <= 1 or len(units) <= 1:
+            for unit in units:
+                yield fn(unit)
+                bar.update()
+            return
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(processes=workers) as pool:
+            for result in pool.imap(fn, units, chunksize=1):
+                yield result
+                bar.update()
+    finally:
+        bar.close()
+
+
+def run_prep(
+    *,
+    source: str,
+    split: str,
+    out_dir: str | Path,
+    units: Sequence[U],
+    fn: Callable[[U], UnitResult],
+    options: Mapping[str, Any],
+    workers: int = 1,
+    num_jobs: int = 1,
+    job_index: int = 0,
+    shard_max_samples: int = 10000,
+    shard_max_bytes: int = 256 * 1024**2,
+    dropped_tasks: Mapping[str, list[str]] | None = None,
+    filters: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Prepare this piece's units and write shards plus the (partial) manifest; returns the manifest."""
+    out_dir = Path(out_dir)
+    mine = piece_of(units, num_jobs, job_index)
+    tasks: dict[str, int] = {}
+    categories: dict[str, list[str]] = {}
+    skipped: Counter[str] = Counter()
+    dropped: dict[str, list[str]] = {reason: list(names) for reason, names in (dropped_tasks or {}).items()}
+    merged_extra: dict[str, Any] = {}
+    prefix = shard_prefix(split, num_jobs, job_index)
+    with EpisodeShardWriter(out_dir, prefix, shard_max_samples, shard_max_bytes) as writer:
+        for result in map_in_order(fn, mine, workers, desc=f"{source} {split}"):
+            skipped.update(result.skipped)
+            merge_extra(merged_extra, result.extra)
+            if result.dropped:
+                dropped.setdefault(result.dropped, []).append(result.task)
+            if not result.episodes:
+                continue
+            if result.task in tasks:
+                raise PrepError(f"task {result.task!r} was produced twice")
+            for episode in result.episodes:
+                writer.write(episode)
+            tasks[result.task] = len(result.episodes)
+            categories[result.task] = list(result.categories)
+    manifest = build_manifest(
+        source=source,
+        split=split,
+        options=options,
+        shards=writer.shards,
+        tasks=tasks,
+        skipped=dict(skipped),
+        categories=categories,
+        dropped_tasks=dropped,
+        filters=filters,
+        extra=merged_extra,
+    )
+    write_json_atomic(out_dir / manifest_filename(num_jobs, job_index), manifest)
+    return manifest
+
+
+def summarize(manifest: Mapping[str, Any], out_dir: str | Path) -> str:
+    """A short human report of what a prep job wrote, dropped and skipped."""
+    lines = [
+        f"wrote {manifest['num_samples']} episodes of {len(manifest['tasks'])} tasks "
+        f"in {len(manifest['shards'])} shard(s) to {out_dir}"
+    ]
+    for reason, names in manifest.get("dropped_tasks", {}).items():
+        shown = ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
+        lines.append(f"dropped {len(names)} task(s): {reason} ({shown})")
+    for reason, count in manifest.get("skipped", {}).items():
+        lines.append(f"skipped {count}: {reason}")
+    return "\n".join(lines)

@@ -1,0 +1,327 @@
+"""Super-NaturalInstructions → episode shards.
+
+``python -m data_prep.sni --src natural-instructions --out data/sni/train --split train``
+
+Input is a checkout of the S-NI repository: ``tasks/<task>.json`` and ``splits/<name>/{train,test,excluded}_tasks.txt``.
+For every task of the split that is not excluded and is English-only (input, output and instruction language all
+exactly ``["English"]``), up to ``--max-instances-per-task`` instances become episodes (the test split keeps the
+first N in file order, as the official evaluation does; the train split samples N with the seed, kept in file
+order). Each episode's ``hyper_input`` is the task's Def+2Pos text (:func:`format_def_pos`), its ``input`` the
+instance input verbatim and its ``targets`` all reference outputs.
+
+Bad input (non-UTF-8, unparseable JSON, missing Definition/Instances/Positive Examples, an instance without
+output) stops the job with an error naming the file and field, or with ``--skip-bad`` is skipped and counted in
+the manifest's ``skipped``. Tasks removed by the split/language filter are listed in ``dropped_tasks``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import random
+import string
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from data_prep.runner import PrepError, UnitResult, run_prep, summarize
+from hypertrain.config import ConfigError, SNIPrepConfig, from_dict
+from hypertrain.episode import Episode
+
+SOURCE = "sni"
+LANGUAGE_FIELDS = ("Input_language", "Output_language", "Instruction_language")
+SPLIT_FILES = {"train": "train_tasks.txt", "test": "test_tasks.txt"}
+EXCLUDED_FILE = "excluded_tasks.txt"
+
+
+# --------------------------------------------------------------------------------------------------
+# The hypernetwork's input
+# --------------------------------------------------------------------------------------------------
+
+
+def _end_with_punctuation(text: str) -> str:
+    """Tk-Instruct's rule: a sentence that does not end in punctuation gets a final period."""
+    text = text.strip()
+    return text if text and text[-1] in string.punctuation else text + "."
+
+
+def format_def_pos(definition: str, positive_examples: Sequence[dict[str, str]]) -> str:
+    """The Def+2Pos text the hypernetwork reads, in Tk-Instruct's layout::
+
+        Definition: <definition>.
+
+        Positive Example 1 -
+        Input: <input>.
+        Output: <output>.
+
+        Positive Example 2 -
+        Input: <input>.
+        Output: <output>.
+
+    Each part is stripped and, as in Tk-Instruct, gets a final period when it does not already end in
+    punctuation; blocks are separated by one blank line and the text has no trailing newline.
+    """
+    blocks = [f"Definition: {_end_with_punctuation(definition)}"]
+    for number, example in enumerate(positive_examples, start=1):
+        blocks.append(
+            f"Positive Example {number} -\n"
+            f"Input: {_end_with_punctuation(example['input'])}\n"
+            f"Output: {_end_with_punctuation(example['output'])}"
+        )
+    return "\n\n".join(blocks)
+
+
+# --------------------------------------------------------------------------------------------------
+# Task selection
+# --------------------------------------------------------------------------------------------------
+
+
+def read_task_list(path: Path) -> list[str]:
+    """Task names of a split file (one per line; blank lines and ``#`` comments ignored)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError as err:
+        raise PrepError(f"split file not found: {path}") from err
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def select_tasks(cfg: SNIPrepConfig) -> tuple[list[str], dict[str, list[str]]]:
+    """The split's task names to read (sorted) and the tasks dropped before reading, by reason."""
+    src = Path(cfg.src)
+    splits_dir = src / "splits" / cfg.splits_name
+    if not (src / "tasks").is_dir():
+        raise PrepError(f"{src}: not an S-NI checkout (no tasks/ directory)")
+    listed = read_task_list(splits_dir / SPLIT_FILES[cfg.split])
+    excluded_path = splits_dir / EXCLUDED_FILE
+    excluded = set(read_task_list(excluded_path)) if excluded_path.is_file() else set()
+
+    dropped: dict[str, list[str]] = {}
+    keep: list[str] = []
+    for task in sorted(set(listed)):
+        if task in excluded:
+            dropped.setdefault("excluded", []).append(task)
+        elif not (src / "tasks" / f"{task}.json").is_file():
+            dropped.setdefault("missing_task_file", []).append(task)
+        else:
+            keep.append(task)
+    missing = dropped.get("missing_task_file", [])
+    if missing and not cfg.allow_missing_tasks:
+        raise PrepError(
+            f"{len(missing)} task(s) of {splits_dir / SPLIT_FILES[cfg.split]} have no file in {src / 'tasks'} "
+            f"(first: {missing[0]}); pass --allow-missing-tasks to drop and count them"
+        )
+    return keep, dropped
+
+
+# --------------------------------------------------------------------------------------------------
+# One task → episodes (runs in worker processes)
+# --------------------------------------------------------------------------------------------------
+
+
+class _Skip(Exception):
+    """A whole task is bad; ``reason`` is its ``skipped`` key."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _load_task(path: Path) -> dict[str, Any]:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise _Skip("task:not_utf8", f"{path}: not valid UTF-8 at byte {err.start} ({err.reason})") from err
+    try:
+        task = json.loads(text)  # S-NI files contain bare NaN (e.g. "URL": [NaN]); Python's json accepts it
+    except json.JSONDecodeError as err:
+        raise _Skip("task:invalid_json", f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from err
+    if not isinstance(task, dict):
+        raise _Skip("task:invalid_json", f"{path}: top level is {type(task).__name__}, expected an object")
+    return task
+
+
+def _text_field(task: dict[str, Any], field: str, path: Path) -> str:
+    """A field S-NI stores as a list holding one string (Definition)."""
+    value = task.get(field)
+    if isinstance(value, list) and value and isinstance(value[0], str) and value[0].strip():
+        return value[0]
+    if isinstance(value, str) and value.strip():
+        return value
+    reason = f"task:missing_{field.lower().replace(' ', '_')}"
+    raise _Skip(reason, f"{path}: field '{field}' is missing or empty")
+
+
+def _positive_examples(task: dict[str, Any], path: Path, count: int) -> list[dict[str, str]]:
+    examples = task.get("Positive Examples")
+    if not isinstance(examples, list):
+        raise _Skip("task:missing_positive_examples", f"{path}: field 'Positive Examples' is missing")
+    for index, example in enumerate(examples[:count]):
+        for key in ("input", "output"):
+            if not isinstance(example, dict) or not isinstance(example.get(key), str):
+                raise _Skip(
+                    "task:bad_positive_example", f"{path}: field 'Positive Examples'[{index}].{key} is missing"
+                )
+    return examples[:count]
+
+
+def _is_english_only(task: dict[str, Any]) -> bool:
+    return all(task.get(field) == ["English"] for field in LANGUAGE_FIELDS)
+
+
+def _instance_indices(num_instances: int, cfg: SNIPrepConfig, task_name: str) -> list[int]:
+    cap = cfg.max_instances_per_task
+    if cap <= 0 or num_instances <= cap:
+        return list(range(num_instances))
+    if cfg.split == "test":
+        return list(range(cap))  # the official evaluation set: the first N in file order
+    rng = random.Random(f"{cfg.seed}/{task_name}")  # per-task stream: independent of workers and job pieces
+    return sorted(rng.sample(range(num_instances), cap))
+
+
+def _instance_problem(instance: Any) -> tuple[str, str] | None:
+    """(skipped reason, field) if the instance cannot make an episode."""
+    if not isinstance(instance, dict):
+        return "instance:not_an_object", "instance"
+    if not isinstance(instance.get("id"), str) or not instance["id"]:
+        return "instance:missing_id", "id"
+    if not isinstance(instance.get("input"), str):
+        return "instance:missing_input", "input"
+    output = instance.get("output")
+    if not isinstance(output, list) or not output or not all(isinstance(o, str) for o in output):
+        return "instance:missing_output", "output"
+    return None
+
+
+def task_episodes(task_name: str, cfg: SNIPrepConfig) -> UnitResult:
+    """Read one task file and build its episodes (picklable entry point for the worker pool)."""
+    path = Path(cfg.src) / "tasks" / f"{task_name}.json"
+    try:
+        task = _load_task(path)
+        if not _is_english_only(task):
+            languages = {field: task.get(field) for field in LANGUAGE_FIELDS}
+            return UnitResult(task_name, [], dropped="non_english", extra={"languages": {task_name: languages}})
+        definition = _text_field(task, "Definition", path)
+        instances = task.get("Instances")
+        if not isinstance(instances, list):
+            raise _Skip("task:missing_instances", f"{path}: field 'Instances' is missing or not a list")
+        positives = _positive_examples(task, path, cfg.num_pos_examples)
+    except _Skip as skip:
+        if not cfg.skip_bad:
+            raise PrepError(f"{skip} (use --skip-bad to skip and count it)") from None
+        return UnitResult(task_name, [], skipped=Counter({skip.reason: 1}))
+
+    hyper_input = format_def_pos(definition, positives)
+    categories = [c for c in task.get("Categories", []) if isinstance(c, str)]
+    skipped: Counter[str] = Counter()
+    episodes: list[Episode] = []
+    seen_ids: set[str] = set()
+    for index in _instance_indices(len(instances), cfg, task_name):
+        instance = instances[index]
+        problem = _instance_problem(instance)
+        if problem is None and instance["id"] in seen_ids:
+            problem = ("instance:duplicate_id", "id")
+        if problem is not None:
+            reason, field = problem
+            if not cfg.skip_bad:
+                ident = instance.get("id") if isinstance(instance, dict) else None
+                raise PrepError(
+                    f"{path}: Instances[{index}] (id {ident!r}): field '{field}' is missing, empty or invalid "
+                    "(use --skip-bad to skip and count it)"
+                )
+            skipped[reason] += 1
+            continue
+        seen_ids.add(instance["id"])
+        episodes.append(
+            Episode(
+                id=instance["id"],
+                task=task_name,
+                source=SOURCE,
+                categories=categories,
+                hyper_input=hyper_input,
+                input=instance["input"],
+                targets=list(instance["output"]),
+            )
+        )
+    extra: dict[str, Any] = {}
+    if len(positives) < cfg.num_pos_examples:
+        extra["fewer_positive_examples"] = [task_name]
+    if not episodes and not skipped:
+        skipped["task:no_instances"] += 1
+    return UnitResult(task_name, episodes, categories=categories, skipped=skipped, extra=extra)
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+
+def prepare(cfg: SNIPrepConfig) -> dict[str, Any]:
+    """Run the S-NI prep (or one job-array piece of it); returns the manifest written."""
+    if cfg.split not in SPLIT_FILES:
+        raise PrepError(f"--split must be one of {sorted(SPLIT_FILES)}, got {cfg.split!r}")
+    tasks, dropped = select_tasks(cfg)
+    options = dataclasses.asdict(cfg)
+    options.pop("workers")  # how the work was spread does not change the output
+    options.pop("src")
+    options.pop("out")
+    return run_prep(
+        source=SOURCE,
+        split=cfg.split,
+        out_dir=cfg.out,
+        units=tasks,
+        fn=functools.partial(task_episodes, cfg=cfg),
+        options=options,
+        workers=cfg.workers,
+        num_jobs=cfg.num_jobs,
+        job_index=cfg.job_index,
+        shard_max_samples=cfg.shard_max_samples,
+        shard_max_bytes=cfg.shard_max_bytes,
+        dropped_tasks=dropped,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m data_prep.sni", description=__doc__.splitlines()[0])
+    defaults = SNIPrepConfig()
+    add = parser.add_argument
+    add("--src", required=True, help="checkout of the S-NI repository (holds tasks/ and splits/)")
+    add("--out", required=True, help="output directory for shards and manifest.json")
+    add("--split", required=True, choices=sorted(SPLIT_FILES))
+    add("--splits-name", default=defaults.splits_name, help="folder under splits/ (default: %(default)s)")
+    add("--max-instances-per-task", type=int, default=defaults.max_instances_per_task,
+        help="instances kept per task; 0 keeps all (default: %(default)s)")
+    add("--num-pos-examples", type=int, default=defaults.num_pos_examples,
+        help="positive examples in the hypernetwork input (default: %(default)s)")
+    add("--seed", type=int, default=defaults.seed, help="seed of the train split's instance sample")
+    add("--shard-max-samples", type=int, default=defaults.shard_max_samples)
+    add("--shard-max-bytes", type=int, default=defaults.shard_max_bytes)
+    add("--workers", type=int, default=defaults.workers, help="processes reading task files")
+    add("--num-jobs", type=int, default=defaults.num_jobs, help="pieces of a job array (then run data_prep.merge)")
+    add("--job-index", type=int, default=defaults.job_index, help="this piece (e.g. $SLURM_ARRAY_TASK_ID)")
+    add("--skip-bad", action="store_true", help="skip and count bad tasks/instances instead of stopping")
+    add("--strict-task-list", dest="allow_missing_tasks", action="store_false",
+        help="fail if a task of the split file has no task file (default: drop and count it)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = from_dict(SNIPrepConfig, vars(args), prefix="sni_prep")
+        manifest = prepare(cfg)
+    except (PrepError, ConfigError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(summarize(manifest, cfg.out))
+    if cfg.num_jobs > 1:
+        print(f"piece {cfg.job_index} of {cfg.num_jobs} done; run `python -m data_prep.merge {cfg.out}` after all pieces")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

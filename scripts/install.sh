@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Create ./.venv and install hypertrain with its dev tools.
+#   TORCH_SPEC  torch requirement to install first (default: torch==2.13.0; on a CUDA cluster pass the
+#               build that matches your driver, e.g. TORCH_SPEC="torch==2.13.0" with the CUDA index configured)
+#   VENV        where to create the environment (default: .venv)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+PYTHON=${PYTHON:-python3}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PYTHON" -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install --quiet --upgrade pip
+# torch first and pinned, so that nothing below pulls another build
+"$VENV/bin/python" -m pip install --quiet "$TORCH_SPEC"
+"$VENV/bin/python" -m pip install --quiet -e ".[dev]"
+"$VENV/bin/python" -c "import torch, transformers, deepspeed, webdataset, mlflow; print(f'hypertrain env ready: torch {torch.__version__}, transformers {transformers.__version__}, deepspeed {deepspeed.__version__}')"
