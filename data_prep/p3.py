@@ -1,0 +1,917 @@
+"""P3 (Public Pool of Prompts) → few-shot episode shards: T0's training mixture and held-out evaluation.
+
+``python -m data_prep.p3 --src P3 --out data/p3/train --split train``
+``python -m data_prep.p3 --src P3 --out data/p3/eval --split eval``
+
+Input: a copy of P3 in one of two layouts, detected from the files (:func:`discover`):
+
+1. the original repository: ``[data/]<subset>/<split>.tfrecord-NNNNN-of-NNNNN`` (``tf.train.Example`` records,
+   read by :mod:`data_prep.tfrecord` with CRC checks) with ``info.<split>.json`` (the feature spec) and
+   ``stats.<split>.json`` (token counts);
+2. its parquet export: ``<subset>/<split>/NNNN.parquet`` (also ``<subset>/[prefix-]<split>[-NNNNN-of-NNNNN].parquet``).
+
+``--split train`` writes one episode per kept training row of every T0 training subset: the query's input and
+target, and K demonstrations (other rows of the same subset) rendered by :func:`render_demonstrations` as the
+hypernetwork input. Subsets whose average input length exceeds ``--max-avg-input-tokens`` are dropped, and each
+subset keeps at most ``--mixing-cap // (templates of its dataset)`` rows (T0's rule).
+
+``--split eval`` writes one multiple-choice episode per example of the held-out ``_score_eval`` subsets (rows
+regrouped by ``idx[0]``; choices in ``idx[1]`` order, ``label`` = the ``is_correct`` one) or, for subsets with
+``answer_choices``, per row; every episode of a subset shares one fixed, seeded set of K demonstrations from
+its ``--demo-split``. Details, formats and limits: ``docs/p3.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import dataclasses
+import fnmatch
+import functools
+import hashlib
+import itertools
+import json
+import random
+import re
+import sys
+from collections import Counter, defaultdict
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from data_prep.p3_mixture import SubsetName, match_dataset
+from data_prep.runner import PrepError, UnitResult, run_prep, summarize
+from data_prep.tfrecord import TFRecordError, decode_features, iter_records, parse_example
+from hypertrain.config import ConfigError, P3PrepConfig, from_dict
+from hypertrain.episode import Episode
+
+SOURCE = "p3"
+INPUT, TARGET = "inputs_pretokenized", "targets_pretokenized"
+INPUT_IDS, TARGET_IDS = "inputs", "targets"
+SCORE_COLUMNS = ("idx", "is_correct")
+Layout = Literal["tfrecord", "parquet"]
+
+_TFRECORD_RE = re.compile(r"^(?P<split>[A-Za-z0-9_]+)\.tfrecord-(?P<shard>\d{5})-of-(?P<total>\d{5})$")
+_PARQUET_RE = re.compile(
+    r"^(?:(?P<prefix>.*?)-)?(?P<split>[A-Za-z][A-Za-z0-9_]*)(?:-\d{5}-of-\d{5}(?:-[0-9a-f]+)?)?\.parquet$"
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Layout: which files hold which subset and split
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitFiles:
+    """The files of one split of one subset, in row order."""
+
+    subset_dir: str
+    split: str
+    layout: Layout
+    files: tuple[str, ...]
+
+    @property
+    def where(self) -> str:
+        return f"{self.subset_dir} ({self.split} split)"
+
+    def sidecar(self, kind: str) -> Path:
+        """``info.<split>.json`` / ``stats.<split>.json`` beside the data."""
+        return Path(self.subset_dir) / f"{kind}.{self.split}.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Subset:
+    """One prompted subset folder: its name, what the name says, and its splits."""
+
+    name: SubsetName
+    path: str
+    splits: dict[str, SplitFiles]
+
+    @property
+    def folder(self) -> str:
+        return self.name.folder
+
+    @property
+    def categories(self) -> list[str]:
+        """The episodes' categories: the subset's dataset (none when no known dataset matches)."""
+        return [self.name.dataset] if self.name.dataset else []
+
+
+def _subset_root(src: Path) -> Path:
+    return src / "data" if (src / "data").is_dir() else src
+
+
+def _tfrecord_splits(folder: Path) -> dict[str, SplitFiles]:
+    shards: dict[str, dict[int, tuple[int, Path]]] = defaultdict(dict)
+    for path in folder.iterdir():
+        match = _TFRECORD_RE.match(path.name)
+        if match:
+            shards[match["split"]][int(match["shard"])] = (int(match["total"]), path)
+    splits = {}
+    for split, found in sorted(shards.items()):
+        totals = {total for total, _ in found.values()}
+        total = max(totals)
+        if len(totals) > 1 or sorted(found) != list(range(total)):
+            raise PrepError(
+                f"{folder}: split {split!r} has TFRecord shards {sorted(found)} of {sorted(totals)} "
+                f"(expected 00000..{total - 1:05d} of {total:05d}: a shard is missing)"
+            )
+        files = tuple(str(found[i][1]) for i in range(total))
+        splits[split] = SplitFiles(str(folder), split, "tfrecord", files)
+    return splits
+
+
+def _parquet_split(folder: Path, path: Path) -> str:
+    parts = [p for p in path.relative_to(folder).parts[:-1] if p not in ("data", "partial")]
+    if parts:
+        return parts[0].removeprefix("partial-")
+    match = _PARQUET_RE.match(path.name)
+    if not match:
+        raise PrepError(
+            f"{path}: cannot tell the split of this parquet file (expected <split>/*.parquet or <split>-*.parquet)"
+        )
+    return match["split"]
+
+
+def _parquet_splits(folder: Path) -> dict[str, SplitFiles]:
+    files: dict[str, list[str]] = defaultdict(list)
+    for path in sorted(folder.rglob("*.parquet")):
+        files[_parquet_split(folder, path)].append(str(path))
+    return {s: SplitFiles(str(folder), s, "parquet", tuple(f)) for s, f in sorted(files.items())}
+
+
+def discover(src: str | Path) -> tuple[Layout, dict[str, Subset]]:
+    """Detect the layout of ``src`` and list its subset folders (sorted) with their splits."""
+    src = Path(src)
+    if not src.is_dir():
+        raise PrepError(f"--src {src}: not a directory")
+    root = _subset_root(src)
+    subsets: dict[str, Subset] = {}
+    layouts: dict[Layout, str] = {}
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        splits = _tfrecord_splits(folder)
+        parquet = _parquet_splits(folder)
+        if splits and parquet:
+            raise PrepError(f"{folder}: holds both TFRecord and parquet files; use one layout per copy of P3")
+        splits = splits or parquet
+        if not splits:
+            continue
+        layout = next(iter(splits.values())).layout
+        layouts.setdefault(layout, folder.name)
+        subsets[folder.name] = Subset(match_dataset(folder.name), str(folder), splits)
+    if len(layouts) > 1:
+        raise PrepError(
+            f"{root}: mixes layouts (TFRecord in {layouts['tfrecord']}, parquet in {layouts['parquet']})"
+        )
+    if not layouts:
+        raise PrepError(
+            f"{src}: unknown layout: no subset folder holds P3 data (expected [data/]<subset>/<split>.tfrecord-"
+            "00000-of-0000N as in the P3 repository, or <subset>/<split>/*.parquet as in its parquet export)"
+        )
+    return next(iter(layouts)), subsets
+
+
+# --------------------------------------------------------------------------------------------------
+# Rows
+# --------------------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PrepError(f"{path}: missing ({what})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise PrepError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise PrepError(f"{path}: expected a JSON object")
+    return data
+
+
+def _feature_spec(split: SplitFiles) -> dict[str, dict[str, Any]]:
+    info = _read_json(
+        split.sidecar("info"), "every split of the P3 repository layout has one; it declares the features"
+    )
+    features = info.get("features")
+    if not isinstance(features, dict) or not all(isinstance(f, dict) for f in features.values()):
+        raise PrepError(f"{split.sidecar('info')}: has no 'features' mapping")
+    return features
+
+
+def _parquet_columns(split: SplitFiles) -> tuple[str, ...]:
+    columns: tuple[str, ...] | None = None
+    for path in split.files:
+        names = tuple(pq.read_schema(path).names)
+        if columns is not None and set(names) != set(columns):
+            raise PrepError(
+                f"{path}: columns {sorted(names)} differ from {split.files[0]}'s {sorted(columns)}"
+            )
+        columns = names
+    return columns or ()
+
+
+def columns_of(split: SplitFiles) -> frozenset[str]:
+    """The features (TFRecord, from ``info.<split>.json``) or columns (parquet) of a split."""
+    if split.layout == "tfrecord":
+        return frozenset(_feature_spec(split))
+    return frozenset(_parquet_columns(split))
+
+
+def count_rows(split: SplitFiles) -> int:
+    """Rows of a split (TFRecord: one pass over the files, checking every record's CRCs)."""
+    if split.layout == "parquet":
+        return sum(pq.ParquetFile(path).metadata.num_rows for path in split.files)
+    return sum(sum(1 for _ in iter_records(path)) for path in split.files)
+
+
+def read_rows(
+    split: SplitFiles, columns: Collection[str], indices: Sequence[int] | None = None
+) -> dict[int, dict[str, Any]]:
+    """``{row index: {column: value}}`` for the rows in sorted ``indices`` (all rows if None), in row order.
+
+    ``columns`` that the split does not have are left out of the rows; a declared feature missing from a record
+    (TFRecord) or a null value (parquet) raises :class:`PrepError` naming the file and row.
+    """
+    present = [c for c in columns if c in columns_of(split)]
+    rows = (
+        _read_tfrecord(split, present, indices)
+        if split.layout == "tfrecord"
+        else _read_parquet(split, present, indices)
+    )
+    for index, row in rows.items():
+        for name, value in row.items():
+            if value is None or (name in (INPUT, TARGET) and not isinstance(value, str)):
+                raise PrepError(
+                    f"{split.where}: row {index}: {name} is {value!r}, expected {'a string' if value is not None else 'a value'}"
+                )
+    return rows
+
+
+def _read_tfrecord(
+    split: SplitFiles, columns: list[str], indices: Sequence[int] | None
+) -> dict[int, dict[str, Any]]:
+    spec = {c: _feature_spec(split)[c] for c in columns}
+    wanted = None if indices is None else set(indices)
+    rows: dict[int, dict[str, Any]] = {}
+    base = 0
+    for path in split.files:
+        local = -1
+        for local, data in iter_records(path):
+            index = base + local
+            if wanted is not None and index not in wanted:
+                continue
+            where = f"{path}: record {local}"
+            try:
+                raw = parse_example(data, spec)
+            except ValueError as err:
+                raise TFRecordError(f"{where}: {err}") from None
+            rows[index] = decode_features(raw, spec, where)
+        base += local + 1
+    return rows
+
+
+def _read_parquet(
+    split: SplitFiles, columns: list[str], indices: Sequence[int] | None
+) -> dict[int, dict[str, Any]]:
+    rows: dict[int, dict[str, Any]] = {}
+    base = 0
+    for path in split.files:
+        handle = pq.ParquetFile(path)
+        for group in range(handle.num_row_groups):
+            size = handle.metadata.row_group(group).num_rows
+            if indices is None:
+                local = None
+            else:
+                lo, hi = bisect.bisect_left(indices, base), bisect.bisect_left(indices, base + size)
+                local = [i - base for i in indices[lo:hi]]
+            if local != []:
+                table = handle.read_row_group(group, columns=columns)
+                if local is not None:
+                    table = table.take(local)
+                for offset, row in zip(local or range(size), table.to_pylist(), strict=True):
+                    rows[base + offset] = row
+            base += size
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# Seeded sampling (stable across Python versions: only Random.random() is used)
+# --------------------------------------------------------------------------------------------------
+
+
+def seeded_rng(seed: int, *parts: str) -> random.Random:
+    """A stream of its own for each (seed, subset, purpose): independent of workers and job-array pieces."""
+    digest = hashlib.sha256("/".join((str(seed), *parts)).encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+def random_order(rng: random.Random, n: int) -> Iterator[int]:
+    """``range(n)`` in a uniformly random order, produced lazily (Fisher–Yates with a dict of swaps)."""
+    swaps: dict[int, int] = {}
+    for i in range(n):
+        j = i + int(rng.random() * (n - i))
+        yield swaps.get(j, j)
+        swaps[j] = swaps.get(i, i)
+
+
+# --------------------------------------------------------------------------------------------------
+# Episodes
+# --------------------------------------------------------------------------------------------------
+
+
+def render_demonstrations(pairs: Sequence[tuple[str, str]]) -> str:
+    """The hypernetwork input: K demonstrations, each stripped, as ``Input: x\\nOutput: y``, one blank line apart.
+
+    (T5's tokenizer maps newlines to spaces, so the ``Input:``/``Output:`` markers carry the structure.)
+    """
+    return "\n\n".join(f"Input: {x.strip()}\nOutput: {y.strip()}" for x, y in pairs)
+
+
+class _Skip(Exception):
+    """A whole subset cannot be prepared; ``reason`` is its ``skipped`` key."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _bad(cfg: P3PrepConfig, skipped: Counter[str], reason: str, message: str) -> None:
+    """Bad example or row: an error, or with ``--skip-bad`` one more count under ``reason``."""
+    if not cfg.skip_bad:
+        raise PrepError(f"{message} (use --skip-bad to skip and count it)")
+    skipped[reason] += 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """One prompted subset to prepare (picklable for the worker pool)."""
+
+    subset: Subset
+    cap: int | None = None
+    """Training rows kept at most (T0's mixing cap), None for no cap."""
+
+
+@dataclasses.dataclass
+class Choices:
+    """One multiple-choice example."""
+
+    example: int
+    input: str
+    choices: list[str]
+    label: int
+    extra: dict[str, Any]
+
+
+def _valid_idx(idx: Any) -> bool:
+    return isinstance(idx, list) and len(idx) == 2 and all(isinstance(i, int) for i in idx)
+
+
+def _score_eval_problem(entries: list[tuple[int, int, dict[str, Any]]]) -> tuple[str, str] | None:
+    """(reason, message) if the rows ``(row, choice, row dict)`` of one example do not make one question."""
+    choices = [choice for _, choice, _ in entries]
+    if len(set(choices)) != len(choices):
+        dup = sorted(c for c, n in Counter(choices).items() if n > 1)
+        return "duplicate_choice_index", f"choice index {dup[0]} appears more than once"
+    if choices != list(range(len(choices))):
+        missing = sorted(set(range(max(choices) + 1)) - set(choices))
+        return "missing_choice_index", f"choice index {missing[0]} is missing (has {choices})"
+    if (
+        len({row[INPUT] for _, _, row in entries}) > 1
+        or len({str(row.get(INPUT_IDS)) for _, _, row in entries}) > 1
+    ):
+        return "inputs_disagree", "rows disagree on the input"
+    correct = [choice for _, choice, row in entries if row["is_correct"]]
+    if not correct:
+        return "no_correct_choice", "no choice is marked is_correct"
+    if len(correct) > 1:
+        return "several_correct_choices", f"choices {correct} are all marked is_correct"
+    return None
+
+
+def regroup_score_eval(
+    split: SplitFiles,
+    rows: Mapping[int, dict[str, Any]],
+    cfg: P3PrepConfig,
+    skipped: Counter[str],
+    prefix: str = "",
+) -> list[Choices]:
+    """Group ``_score_eval`` rows (one per example and choice) by ``idx[0]`` into questions, in example order.
+
+    Choices follow ``idx[1]``; the label is the choice with ``is_correct``. A bad example raises (naming the
+    split, example and rows) or, with ``--skip-bad``, is counted as ``instance:<prefix><reason>``.
+    """
+    groups: dict[int, list[tuple[int, int, dict[str, Any]]]] = defaultdict(list)
+    for index, row in rows.items():
+        idx = row["idx"]
+        if not _valid_idx(idx):
+            _bad(
+                cfg,
+                skipped,
+                f"instance:{prefix}bad_idx",
+                f"{split.where}: row {index}: idx {idx!r} is not [example, choice]",
+            )
+            continue
+        groups[idx[0]].append((index, idx[1], row))
+    questions = []
+    for example in sorted(groups):
+        entries = sorted(groups[example], key=lambda entry: (entry[1], entry[0]))
+        problem = _score_eval_problem(entries)
+        if problem:
+            reason, why = problem
+            where = f"{split.where}: example {example} (rows {[e[0] for e in entries]})"
+            _bad(cfg, skipped, f"instance:{prefix}{reason}", f"{where}: {why}")
+            continue
+        first = entries[0][2]
+        label = next(choice for choice, (_, _, row) in enumerate(entries) if row["is_correct"])
+        extra: dict[str, Any] = {}
+        if cfg.token_ids and INPUT_IDS in first:
+            extra["input_ids"] = first[INPUT_IDS]
+        if cfg.token_ids and TARGET_IDS in first:
+            extra["choice_ids"] = [row[TARGET_IDS] for _, _, row in entries]
+        choices = [row[TARGET] for _, _, row in entries]
+        questions.append(Choices(example, first[INPUT], choices, label, extra))
+    return questions
+
+
+def answer_choice_questions(
+    split: SplitFiles, rows: Mapping[int, dict[str, Any]], cfg: P3PrepConfig, skipped: Counter[str]
+) -> list[Choices]:
+    """One question per row of a subset with ``answer_choices``; the label is the choice equal to the target."""
+    questions = []
+    for index, row in rows.items():
+        choices = [c.strip() for c in row.get("answer_choices") or []]
+        target = row[TARGET].strip()
+        matches = [i for i, choice in enumerate(choices) if choice == target]
+        if len(matches) != 1:
+            reason = "target_not_in_choices" if not matches else "target_matches_several_choices"
+            how = "is not one of" if not matches else "matches several of"
+            _bad(
+                cfg,
+                skipped,
+                f"instance:{reason}",
+                f"{split.where}: row {index}: target {target!r} {how} answer_choices {choices}",
+            )
+            continue
+        extra: dict[str, Any] = {}
+        if cfg.token_ids and INPUT_IDS in row:
+            extra["input_ids"] = row[INPUT_IDS]
+        if cfg.token_ids and TARGET_IDS in row:
+            extra["target_ids"] = row[TARGET_IDS]
+        questions.append(Choices(index, row[INPUT], choices, matches[0], extra))
+    return questions
+
+
+def _is_score_eval(split: SplitFiles) -> bool:
+    return set(SCORE_COLUMNS) <= columns_of(split)
+
+
+def _text_columns(cfg: P3PrepConfig) -> list[str]:
+    return [INPUT, TARGET, INPUT_IDS, TARGET_IDS] if cfg.token_ids else [INPUT, TARGET]
+
+
+def _require_text(split: SplitFiles) -> None:
+    missing = [c for c in (INPUT, TARGET) if c not in columns_of(split)]
+    if missing:
+        what = split.sidecar("info") if split.layout == "tfrecord" else split.files[0]
+        raise _Skip("task:missing_text_feature", f"{what}: declares no {missing[0]!r} feature")
+
+
+# ----- training -----
+
+
+def train_episodes(unit: Unit, cfg: P3PrepConfig) -> tuple[list[Episode], dict[str, Any], Counter[str]]:
+    """MetaICL-style episodes of one training subset: each kept row with K other rows as demonstrations."""
+    subset = unit.subset
+    split = subset.splits.get("train")
+    if split is None:
+        raise _Skip("task:no_train_split", f"{subset.path}: no train split (has {sorted(subset.splits)})")
+    _require_text(split)
+    skipped: Counter[str] = Counter()
+    keep: Sequence[int] | None = None  # all rows
+    num_rows = None
+    if unit.cap is not None:
+        num_rows = count_rows(split)
+        if num_rows > unit.cap:  # a seeded uniform sample, kept in row order
+            keep = sorted(
+                itertools.islice(
+                    random_order(seeded_rng(cfg.seed, subset.folder, "rows"), num_rows), unit.cap
+                )
+            )
+    rows = read_rows(split, _text_columns(cfg), keep)
+    pool = list(rows)
+    if len(pool) <= cfg.shots:
+        raise _Skip(
+            "task:too_few_rows",
+            f"{split.where}: {len(pool)} rows, need more than --shots {cfg.shots} for demonstrations",
+        )
+    same_input: dict[str, set[int]] = defaultdict(set)
+    for position, index in enumerate(pool):
+        same_input[rows[index][INPUT].strip()].add(position)
+
+    rng = seeded_rng(cfg.seed, subset.folder, "demonstrations")
+    episodes = []
+    for index in pool:
+        row = rows[index]
+        excluded = same_input[row[INPUT].strip()]  # the query itself and rows with the very same input
+        if len(pool) - len(excluded) < cfg.shots:
+            _bad(
+                cfg,
+                skipped,
+                "instance:too_few_distinct_demonstrations",
+                f"{split.where}: row {index}: fewer than {cfg.shots} other rows with a different input",
+            )
+            continue
+        demos = []
+        for candidate in random_order(rng, len(pool)):
+            if candidate not in excluded:
+                demos.append(rows[pool[candidate]])
+                if len(demos) == cfg.shots:
+                    break
+        extra = {}
+        if cfg.token_ids and INPUT_IDS in row:
+            extra["input_ids"] = row[INPUT_IDS]
+        if cfg.token_ids and TARGET_IDS in row:
+            extra["target_ids"] = row[TARGET_IDS]
+        episodes.append(
+            Episode(
+                id=f"{subset.folder}/train/{index}",
+                task=subset.folder,
+                source=SOURCE,
+                categories=subset.categories,
+                hyper_input=render_demonstrations([(d[INPUT], d[TARGET]) for d in demos]),
+                input=row[INPUT],
+                targets=[row[TARGET]],
+                extra=extra,
+            )
+        )
+    facts = {"rows": len(rows) if num_rows is None else num_rows, "kept_rows": len(pool), "cap": unit.cap}
+    return episodes, facts, skipped
+
+
+# ----- evaluation -----
+
+
+def _demo_split(subset: Subset, cfg: P3PrepConfig) -> SplitFiles:
+    """``--demo-split`` if the subset has it, else another split than the evaluated one (train, validation, test, ...)."""
+    if cfg.demo_split in subset.splits:
+        return subset.splits[cfg.demo_split]
+    preference = {"train": 0, "validation": 1, "test": 2}
+    others = sorted(
+        (s for s in subset.splits if s != cfg.eval_split), key=lambda s: (preference.get(s, 3), s)
+    )
+    if not others:
+        raise _Skip(
+            "task:no_demo_split",
+            f"{subset.path}: no split other than {cfg.eval_split!r} to draw demonstrations from",
+        )
+    return subset.splits[others[0]]
+
+
+def fixed_demonstrations(
+    subset: Subset, cfg: P3PrepConfig, skipped: Counter[str]
+) -> tuple[list[tuple[str, str]], dict[str, Any]]:
+    """One seeded set of K demonstrations for all evaluation episodes of ``subset`` (HART's protocol).
+
+    Candidates are drawn in a seeded random order from the demonstration split (score-eval: its examples, with
+    the gold choice as the target); only drawn candidates are read and checked, and a bad one is replaced by the
+    next draw when ``--skip-bad`` allows.
+    """
+    split = _demo_split(subset, cfg)
+    _require_text(split)
+    score_eval = _is_score_eval(split)
+    candidates: Sequence[int]
+    if score_eval:  # candidates are examples: first learn which rows each one has
+        rows_of: dict[int, list[int]] = defaultdict(list)
+        for index, row in read_rows(split, ["idx"]).items():
+            if _valid_idx(row["idx"]):
+                rows_of[row["idx"][0]].append(index)
+            else:
+                _bad(
+                    cfg,
+                    skipped,
+                    "instance:demo_bad_idx",
+                    f"{split.where}: row {index}: idx {row['idx']!r} is not [example, choice]",
+                )
+        candidates = sorted(rows_of)
+    else:
+        candidates = range(count_rows(split))
+    order = random_order(seeded_rng(cfg.seed, subset.folder, "demonstrations"), len(candidates))
+    chosen: list[tuple[str, str]] = []
+    chosen_ids: list[int] = []
+    while len(chosen) < cfg.shots:
+        batch = [candidates[position] for position in itertools.islice(order, cfg.shots - len(chosen))]
+        if not batch:
+            break
+        if score_eval:
+            indices = sorted(i for key in batch for i in rows_of[key])
+            rows = read_rows(split, [INPUT, TARGET, *SCORE_COLUMNS], indices)
+            found = regroup_score_eval(split, rows, cfg, skipped, prefix="demo_")
+            good = {q.example: (q.input, q.choices[q.label]) for q in found}
+        else:
+            rows = read_rows(split, [INPUT, TARGET], sorted(batch))
+            good = {key: (rows[key][INPUT], rows[key][TARGET]) for key in batch}
+        for key in batch:
+            if key in good:
+                chosen_ids.append(key)
+                chosen.append(good[key])
+    if len(chosen) < cfg.shots:
+        raise _Skip(
+            "task:too_few_demonstrations",
+            f"{split.where}: only {len(chosen)} usable demonstrations, --shots asks for {cfg.shots}",
+        )
+    kind = "examples" if score_eval else "rows"
+    return chosen, {"demo_split": split.split, f"demo_{kind}": chosen_ids}
+
+
+def eval_episodes(unit: Unit, cfg: P3PrepConfig) -> tuple[list[Episode], dict[str, Any], Counter[str]]:
+    """Multiple-choice episodes of one evaluation subset, all sharing one fixed demonstration set."""
+    subset = unit.subset
+    split = subset.splits.get(cfg.eval_split)
+    if split is None:
+        raise _Skip(
+            "task:no_eval_split", f"{subset.path}: no {cfg.eval_split!r} split (has {sorted(subset.splits)})"
+        )
+    _require_text(split)
+    skipped: Counter[str] = Counter()
+    columns = _text_columns(cfg)
+    if _is_score_eval(split):
+        kind = "score_eval"
+        rows = read_rows(split, [*columns, *SCORE_COLUMNS])
+        questions = regroup_score_eval(split, rows, cfg, skipped)
+    elif "answer_choices" in columns_of(split):
+        kind = "answer_choices"
+        rows = read_rows(split, [*columns, "answer_choices"])
+        questions = answer_choice_questions(split, rows, cfg, skipped)
+    else:
+        raise _Skip(
+            "task:not_multiple_choice",
+            f"{split.where}: neither idx/is_correct (a _score_eval subset) nor answer_choices: cannot rank choices",
+        )
+    if not questions and not skipped:
+        raise _Skip("task:no_examples", f"{split.where}: no examples")
+    demos, facts = fixed_demonstrations(subset, cfg, skipped)
+    hyper_input = render_demonstrations(demos)
+    episodes = [
+        Episode(
+            id=f"{subset.folder}/{split.split}/{q.example}",
+            task=subset.folder,
+            source=SOURCE,
+            categories=subset.categories,
+            hyper_input=hyper_input,
+            input=q.input,
+            targets=[q.choices[q.label]],
+            choices=q.choices,
+            label=q.label,
+            extra=q.extra,
+        )
+        for q in questions
+    ]
+    return episodes, {"kind": kind, "rows": len(rows), **facts}, skipped
+
+
+def _relative(message: str, subset: Subset) -> str:
+    """Error text for the manifest without the machine's path to ``--src`` (manifests stay comparable)."""
+    return message.replace(subset.path, subset.folder)
+
+
+def subset_episodes(unit: Unit, cfg: P3PrepConfig) -> UnitResult:
+    """Prepare one subset (picklable entry point for the worker pool)."""
+    subset = unit.subset
+    facts: dict[str, Any] = {"dataset": subset.name.dataset, "template": subset.name.template}
+    try:
+        build = train_episodes if cfg.split == "train" else eval_episodes
+        episodes, more, skipped = build(unit, cfg)
+    except _Skip as skip:
+        if not cfg.skip_bad:
+            raise PrepError(f"{skip} (use --skip-bad to skip and count it)") from None
+        facts.update(skipped={skip.reason: 1}, error=_relative(str(skip), subset))
+        return UnitResult(
+            subset.folder, [], skipped=Counter({skip.reason: 1}), extra={"subsets": {subset.folder: facts}}
+        )
+    except PrepError as err:  # unreadable data (corrupt TFRecord, missing info.json or feature, ...)
+        if not cfg.skip_bad:
+            raise
+        facts.update(skipped={"task:unreadable": 1}, error=_relative(str(err), subset))
+        return UnitResult(
+            subset.folder,
+            [],
+            skipped=Counter({"task:unreadable": 1}),
+            extra={"subsets": {subset.folder: facts}},
+        )
+    facts.update(more, episodes=len(episodes))
+    if skipped:
+        facts["skipped"] = dict(sorted(skipped.items()))
+    return UnitResult(
+        subset.folder,
+        episodes,
+        categories=subset.categories,
+        skipped=skipped,
+        extra={"subsets": {subset.folder: facts}},
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Selection and run-level filters
+# --------------------------------------------------------------------------------------------------
+
+
+def select_subsets(subsets: Mapping[str, Subset], cfg: P3PrepConfig) -> list[str]:
+    """The subset folders to prepare: ``--subsets`` (names or globs) or the default list of the split."""
+    if not cfg.subsets:
+        wanted = "t0_train" if cfg.split == "train" else "t0_eval"
+        return [name for name, s in subsets.items() if getattr(s.name, wanted)]
+    chosen: set[str] = set()
+    for pattern in cfg.subsets:
+        is_glob = any(ch in pattern for ch in "*?[")
+        matches = fnmatch.filter(subsets, pattern) if is_glob else [pattern] if pattern in subsets else []
+        if not matches:
+            raise PrepError(f"--subsets {pattern!r} matches no subset folder of --src ({len(subsets)} found)")
+        if cfg.split == "train":
+            score = [m for m in matches if subsets[m].name.score_eval]
+            if score and not is_glob:
+                raise PrepError(
+                    f"--subsets {pattern!r} is a _score_eval subset (one row per answer choice): it cannot train"
+                )
+            matches = [m for m in matches if m not in score]
+        chosen.update(matches)
+    return sorted(chosen)
+
+
+def average_input_tokens(split: SplitFiles) -> float:
+    """Mean input length in tokens: ``inputs_tokens / examples`` of ``stats.<split>.json``; for the parquet
+    export (which has no stats file) the mean length of the ``inputs`` token lists."""
+    path = split.sidecar("stats")
+    if split.layout == "tfrecord" or path.is_file():
+        stats = _read_json(path, "needed by the length filter; --max-avg-input-tokens 0 turns it off")
+        try:
+            examples, tokens = int(stats["examples"]), int(stats["inputs_tokens"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise PrepError(f"{path}: lacks a numeric 'examples' / 'inputs_tokens' ({err})") from None
+        return tokens / examples if examples else 0.0
+    if INPUT_IDS not in columns_of(split):
+        raise PrepError(
+            f"{split.files[0]}: no 'inputs' column to measure input lengths (--max-avg-input-tokens 0 turns the filter off)"
+        )
+    tokens = rows = 0
+    for path in split.files:
+        for batch in pq.ParquetFile(path).iter_batches(columns=[INPUT_IDS]):
+            lengths = pc.list_value_length(batch.column(0))
+            tokens += pc.sum(lengths).as_py() or 0
+            rows += len(batch)
+    return tokens / rows if rows else 0.0
+
+
+def plan(cfg: P3PrepConfig) -> tuple[list[Unit], dict[str, list[str]], dict[str, Any]]:
+    """Units to prepare, tasks dropped before reading (by reason) and the run-level filter decisions.
+
+    Deterministic from ``--src`` and the options, so every job-array piece computes the same plan.
+    """
+    layout, subsets = discover(cfg.src)
+    names = select_subsets(subsets, cfg)
+    unmatched = sorted(name for name, s in subsets.items() if s.name.dataset is None)
+    dropped: dict[str, list[str]] = {}
+    filters: dict[str, Any] = {
+        "layout": layout,
+        "subsets_found": len(subsets),
+        "unmatched_subsets": unmatched,
+    }
+    if not cfg.subsets and unmatched:
+        dropped["unknown_dataset"] = unmatched
+    if cfg.split == "eval":
+        return [Unit(subsets[name]) for name in names], dropped, filters
+
+    if cfg.max_avg_input_tokens:
+        averages = {}
+        for name in tqdm(names, desc="p3 input lengths", unit="subset", disable=None, file=sys.stderr):
+            split = subsets[name].splits.get("train")
+            if split is not None:
+                averages[name] = round(average_input_tokens(split), 2)
+        too_long = [name for name, avg in averages.items() if avg > cfg.max_avg_input_tokens]
+        if too_long:
+            dropped[f"avg_input_tokens>{cfg.max_avg_input_tokens}"] = too_long
+        filters["avg_input_tokens"] = averages
+        names = [name for name in names if name not in too_long]
+
+    templates = Counter(s.name.dataset for s in subsets.values() if s.name.dataset and not s.name.score_eval)
+    filters["templates_per_dataset"] = dict(sorted(templates.items()))
+    filters["mixing_cap"] = cfg.mixing_cap
+    units = []
+    for name in names:
+        dataset = subsets[name].name.dataset
+        cap = cfg.mixing_cap // templates[dataset] if cfg.mixing_cap and dataset else None
+        units.append(Unit(subsets[name], cap))
+    return units, dropped, filters
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+
+def prepare(cfg: P3PrepConfig) -> dict[str, Any]:
+    """Run the P3 prep (or one job-array piece of it); returns the manifest written."""
+    units, dropped, filters = plan(cfg)
+    options = dataclasses.asdict(cfg)
+    for key in ("workers", "src", "out"):  # where and how the work ran does not change the output
+        options.pop(key)
+    return run_prep(
+        source=SOURCE,
+        split=cfg.split,
+        out_dir=cfg.out,
+        units=units,
+        fn=functools.partial(subset_episodes, cfg=cfg),
+        options=options,
+        workers=cfg.workers,
+        num_jobs=cfg.num_jobs,
+        job_index=cfg.job_index,
+        shard_max_samples=cfg.shard_max_samples,
+        shard_max_bytes=cfg.shard_max_bytes,
+        dropped_tasks=dropped,
+        filters=filters,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m data_prep.p3", description=__doc__.splitlines()[0])
+    defaults = P3PrepConfig()
+    add = parser.add_argument
+    add("--src", required=True, help="copy of P3: [data/]<subset>/<split>.tfrecord-* or the parquet export")
+    add("--out", required=True, help="output directory for shards and manifest.json")
+    add("--split", required=True, choices=["train", "eval"])
+    add(
+        "--subsets",
+        nargs="+",
+        default=[],
+        metavar="NAME_OR_GLOB",
+        help="subset folders to prepare (default: T0's training mixture / held-out _score_eval subsets)",
+    )
+    add("--shots", type=int, default=defaults.shots, help="demonstrations per episode (default: %(default)s)")
+    add(
+        "--max-avg-input-tokens",
+        type=int,
+        default=defaults.max_avg_input_tokens,
+        help="drop training subsets with a longer average input; 0 keeps all (default: %(default)s)",
+    )
+    add(
+        "--mixing-cap",
+        type=int,
+        default=defaults.mixing_cap,
+        help="a training subset keeps at most this // (templates of its dataset) rows; 0 keeps all (default: %(default)s)",
+    )
+    add(
+        "--eval-split",
+        default=defaults.eval_split,
+        help="split evaluated by --split eval (default: %(default)s)",
+    )
+    add(
+        "--demo-split",
+        default=defaults.demo_split,
+        help="split of the fixed evaluation demonstrations (default: %(default)s, else another split)",
+    )
+    add(
+        "--no-token-ids",
+        dest="token_ids",
+        action="store_false",
+        help="leave P3's T5 token ids out of the episodes",
+    )
+    add("--seed", type=int, default=defaults.seed, help="seed of row caps and demonstration draws")
+    add("--shard-max-samples", type=int, default=defaults.shard_max_samples)
+    add("--shard-max-bytes", type=int, default=defaults.shard_max_bytes)
+    add("--workers", type=int, default=defaults.workers, help="processes preparing subsets")
+    add(
+        "--num-jobs",
+        type=int,
+        default=defaults.num_jobs,
+        help="pieces of a job array (then run data_prep.merge)",
+    )
+    add("--job-index", type=int, default=defaults.job_index, help="this piece (e.g. $SLURM_ARRAY_TASK_ID)")
+    add("--skip-bad", action="store_true", help="skip and count bad subsets/examples instead of stopping")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = from_dict(P3PrepConfig, vars(args), prefix="p3_prep")
+        manifest = prepare(cfg)
+    except (PrepError, ConfigError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(summarize(manifest, cfg.out))
+    unmatched = manifest["filters"].get("unmatched_subsets")
+    if unmatched:
+        print(f"{len(unmatched)} subset folder(s) match no known P3 dataset: {', '.join(unmatched[:5])}")
+    if cfg.num_jobs > 1:
+        print(
+            f"piece {cfg.job_index} of {cfg.num_jobs} done; run `python -m data_prep.merge {cfg.out}` after all pieces"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
