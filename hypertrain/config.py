@@ -69,6 +69,52 @@ class SNIPrepConfig:
 
 
 @dataclasses.dataclass
+class P3PrepConfig:
+    """Options of ``python -m data_prep.p3`` (P3 → few-shot episode shards; see ``docs/p3.md``)."""
+
+    src: str = ""
+    """P3 copy: the repository layout (``data/<subset>/<split>.tfrecord-*``) or its parquet export."""
+    out: str = ""
+    """Output directory for shards and ``manifest.json``."""
+    split: Literal["train", "eval"] = "train"
+    """``train``: the T0 training mixture; ``eval``: held-out multiple-choice episodes."""
+    subsets: list[str] = dataclasses.field(default_factory=list)
+    """Subset folder names or globs; empty → T0's training mixture (train) or held-out ``_score_eval`` subsets (eval)."""
+    shots: int = 16
+    """K: demonstrations in the hypernetwork input."""
+    max_avg_input_tokens: int = 320
+    """Drop training subsets whose average input length (``stats.train.json``) exceeds this; 0 keeps all."""
+    mixing_cap: int = 500000
+    """Each training subset keeps at most ``mixing_cap // templates of its dataset`` rows (T0); 0 keeps all."""
+    eval_split: str = "validation"
+    """P3 split evaluated with ``--split eval``."""
+    demo_split: str = "train"
+    """Split the fixed evaluation demonstrations come from (falls back to another split if a subset lacks it)."""
+    token_ids: bool = True
+    """Keep P3's T5 token ids (``input_ids``, ``target_ids``, ``choice_ids``) beside the text."""
+    seed: int = 42
+    shard_max_samples: int = 10000
+    shard_max_bytes: int = 256 * 1024**2
+    workers: int = 1
+    num_jobs: int = 1
+    job_index: int = 0
+    skip_bad: bool = False
+    """Skip and count bad subsets/examples instead of stopping with an error."""
+
+    def __post_init__(self) -> None:
+        for name in ("shots", "shard_max_samples", "shard_max_bytes", "workers", "num_jobs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"p3_prep.{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("max_avg_input_tokens", "mixing_cap"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"p3_prep.{name}: must be >= 0 (0 turns it off), got {getattr(self, name)}")
+        if not 0 <= self.job_index < self.num_jobs:
+            raise ConfigError(f"p3_prep.job_index: must be in [0, num_jobs={self.num_jobs}), got {self.job_index}")
+        if self.eval_split == self.demo_split:
+            raise ConfigError(f"p3_prep.demo_split: must differ from eval_split ({self.eval_split!r})")
+
+
+@dataclasses.dataclass
 class ModelConfig:
     """Which T5 the pipeline builds: a registry name, a hub name or a local checkpoint path."""
 
@@ -79,6 +125,103 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """``auto``: bf16 on GPU, fp32 on CPU."""
     attn_implementation: Literal["eager", "sdpa"] = "sdpa"
+
+
+@dataclasses.dataclass
+class HartConfig:
+    """HART / HyperTuning prefix generator (``method: hart | hypertuning``); ``docs/models.md`` explains each."""
+
+    generator: Literal["autoregressive", "parallel"] | None = None
+    """``autoregressive`` (HART) or ``parallel`` (HyperTuning); ``None``: follows ``method``."""
+    prefix_length: int = 32
+    """p: prefix key/value vectors per head and layer."""
+    hyper_decoder_layers: int = 8
+    """Hypernetwork decoder depth: the first layers of the checkpoint's decoder."""
+    alpha: float | None = None
+    """Weight of the local consistency loss; ``None``: 1.0 autoregressive, 0.0 parallel (paper: 1, 10 or 20)."""
+    consistency: Literal["batch_mean", "per_example", "per_task"] = "batch_mean"
+    """What is compared between consecutive steps: the batch mean of the states, row i with row i, or per-task
+    means of the tasks in both batches."""
+    fusion: bool = True
+    """Fusion-in-decoder: the main decoder also attends to the hypernetwork encoder's output."""
+    share_head_layernorm: bool = False
+    """One LayerNorm per head group instead of one per layer (the appendix shares only the first Linear)."""
+
+    def __post_init__(self) -> None:
+        for name in ("prefix_length", "hyper_decoder_layers"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"hart.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.alpha is not None and self.alpha < 0:
+            raise ConfigError(f"hart.alpha: must be >= 0, got {self.alpha}")
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Token budgets of the collator (paper: main input 384, target 128, hypernetwork input 1024)."""
+
+    max_input_tokens: int = 384
+    max_target_tokens: int = 128
+    max_hyper_input_tokens: int = 1024
+    train: list[str] = dataclasses.field(default_factory=list)
+    """Prepared training directories (each holds a ``manifest.json``), mixed per sample by ``weights``."""
+    weights: list[float] = dataclasses.field(default_factory=list)
+    """Mixing weights of ``train`` (empty: all 1.0)."""
+    num_workers: int = 2
+    """Data-loader processes per rank (each streams its own shards)."""
+    shuffle_buffer: int = 1000
+    """Episodes held by each worker's shuffle buffer (shards are written task by task; the buffer mixes them)."""
+    pad_to_max: bool = False
+    """Pad every batch to the maximum lengths (static shapes) instead of the longest sequence in the batch."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_input_tokens", "max_target_tokens", "max_hyper_input_tokens", "shuffle_buffer"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"data.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers: must be >= 0, got {self.num_workers}")
+        if self.weights and len(self.weights) != len(self.train):
+            raise ConfigError(f"data.weights: {len(self.weights)} weights for {len(self.train)} data.train entries")
+        if any(w <= 0 for w in self.weights):
+            raise ConfigError(f"data.weights: must all be > 0, got {self.weights}")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Optimisation (paper: Adam-8bit, lr 5e-5 with linear decay, batch 256, 10k steps Large / 20k XL)."""
+
+    lr: float = 5e-5
+    schedule: Literal["linear", "constant"] = "linear"
+    """``linear``: warm up for ``warmup_steps``, then decay linearly to 0 at ``total_steps``."""
+    warmup_steps: int = 0
+    total_steps: int = 10000
+    global_batch_size: int = 256
+    """Examples per optimizer step over all ranks = micro batch × accumulation × world size."""
+    micro_batch_size: int = 8
+    """Examples per rank per forward pass."""
+    optimizer: Literal["adamw8bit", "adamw"] = "adamw8bit"
+    """bitsandbytes 8-bit AdamW or torch AdamW (with ``weight_decay: 0`` both are Adam)."""
+    weight_decay: float = 0.0
+    seed: int = 42
+    grad_clip: float = 1.0
+    """Gradient-norm clipping (DeepSpeed's ``gradient_clipping``; 0 turns it off)."""
+    activation_checkpointing: Literal["none", "main", "hypernetwork", "both"] = "none"
+    """Recompute activations in the backward pass: of the frozen main model, the hypernetwork encoder, or both."""
+    max_nonfinite_in_row: int = 10
+    """A NaN/inf loss skips its step (counted); this many in a row stops the run with a checkpoint."""
+
+    def __post_init__(self) -> None:
+        for name in ("total_steps", "global_batch_size", "micro_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr: must be > 0, got {self.lr}")
+        if not 0 <= self.warmup_steps <= self.total_steps:
+            raise ConfigError(f"train.warmup_steps: must be in [0, total_steps], got {self.warmup_steps}")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
+                f"train.micro_batch_size ({self.micro_batch_size})"
+            )
 
 
 @dataclasses.dataclass
@@ -123,7 +266,9 @@ class PhaConfig:
     eval_task_source: Literal["task_id", "retrieve"] = "task_id"
     """Known tasks at evaluation: the batch's ``task_ids`` (paper) or per-instance retrieval."""
     tasks: list[str] = dataclasses.field(default_factory=list)
-    """Training task names; empty → the union of the training shards' manifests. Always used sorted."""
+    """Training task names; empty → the sorted union of the ``data.train`` manifests. Always used sorted."""
+    num_tasks: int = 0
+    """τ for parameter counts when no task list is known yet (``hypertrain params`` on ``meta`` before prep)."""
 
     def __post_init__(self) -> None:
         positive = ("adapter_bottleneck", "retriever_hidden", "retrieval_dim", "mixed_dim", "project_hidden")
@@ -136,11 +281,43 @@ class PhaConfig:
 
 
 @dataclasses.dataclass
+class RunConfig:
+    """Where a run lives and how it checkpoints and logs."""
+
+    dir: str = "runs/default"
+    """Run directory: checkpoints, the sqlite MLflow store (if no tracking URI is set), logs."""
+    experiment: str = "hypertrain"
+    """MLflow experiment name."""
+    name: str | None = None
+    """MLflow run name (default: the run directory's name)."""
+    resume: Literal["auto", "never"] = "auto"
+    """``auto``: continue from the latest checkpoint in ``dir`` if there is one (and the same MLflow run)."""
+    checkpoint_every: int = 1000
+    """Steps between checkpoints (one is also written at the end and on SIGTERM/SIGUSR1)."""
+    keep_last: int = 3
+    """Checkpoints kept in ``dir/checkpoints`` (older ones are deleted after a new one is complete)."""
+    log_every: int = 10
+    """Steps between metric rows sent to MLflow (and printed)."""
+
+    def __post_init__(self) -> None:
+        for name in ("checkpoint_every", "keep_last", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"run.{name}: must be >= 1, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass
 class Config:
     """Top-level experiment configuration (``configs/*.yaml``)."""
 
+    method: Literal["hart", "hypertuning", "pha"] = "hart"
+    """Which method ``build_method`` builds; ``hypertuning`` is ``hart`` with ``hart.generator: parallel``."""
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    hart: HartConfig = dataclasses.field(default_factory=HartConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
     sni_prep: SNIPrepConfig = dataclasses.field(default_factory=SNIPrepConfig)
+    p3_prep: P3PrepConfig = dataclasses.field(default_factory=P3PrepConfig)
     pha: PhaConfig = dataclasses.field(default_factory=PhaConfig)
 
 
