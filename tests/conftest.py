@@ -28,3 +28,14 @@ def sni_sample() -> Path:
 def p3_sample() -> Path:
     """The P3 sample in the original repository layout (data/<subset>/...)."""
     return _sample("p3_sample")
+
+
+@pytest.fixture(scope="session")
+def sni_train_shards(sni_sample, tmp_path_factory) -> Path:
+    """The real S-NI sample's train split, prepared into 100-episode shards (shared by the data/trainer tests)."""
+    from data_prep.sni import prepare
+    from hypertrain.config import SNIPrepConfig
+
+    out = tmp_path_factory.mktemp("sni_train")
+    prepare(SNIPrepConfig(src=str(sni_sample), out=str(out), split="train", shard_max_samples=100))
+    return out

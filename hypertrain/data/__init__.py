@@ -1,0 +1,1 @@
+"""Training data: episode shards → deterministic per-rank, per-worker streams → tokenized batches."""

@@ -1,0 +1,60 @@
+"""Episodes → a padded, tokenized :data:`~hypertrain.models.base.Batch`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from hypertrain.episode import Episode
+
+IGNORE_INDEX = -100
+
+
+class EpisodeCollator:
+    """Tokenizes the main input, the first target and the hypernetwork input of each episode, and pads.
+
+    Inputs are truncated to their maximum lengths (the tokenizer appends EOS within the limit). Padding is to
+    the longest sequence in the batch, or to the maximum lengths with ``pad_to_max`` (static shapes, which
+    compiled or CUDA-graphed steps want). Label padding is -100. ``task_ids`` index the run's sorted task list;
+    a task outside it gets -1.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        task_index: Mapping[str, int],
+        max_input_tokens: int,
+        max_target_tokens: int,
+        max_hyper_input_tokens: int,
+        pad_to_max: bool = False,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.task_index = dict(task_index)
+        self.max_input_tokens = max_input_tokens
+        self.max_target_tokens = max_target_tokens
+        self.max_hyper_input_tokens = max_hyper_input_tokens
+        self.pad_to_max = pad_to_max
+
+    def _encode(self, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
+        return self.tokenizer(
+            list(texts),
+            max_length=max_length,
+            truncation=True,
+            padding="max_length" if self.pad_to_max else "longest",
+            return_tensors="pt",
+        )
+
+    def __call__(self, episodes: Sequence[Episode]) -> dict[str, torch.Tensor]:
+        main = self._encode([e.input for e in episodes], self.max_input_tokens)
+        hyper = self._encode([e.hyper_input for e in episodes], self.max_hyper_input_tokens)
+        target = self._encode([e.targets[0] for e in episodes], self.max_target_tokens)
+        labels = target["input_ids"].masked_fill(target["attention_mask"] == 0, IGNORE_INDEX)
+        return {
+            "input_ids": main["input_ids"],
+            "attention_mask": main["attention_mask"],
+            "labels": labels,
+            "hyper_input_ids": hyper["input_ids"],
+            "hyper_attention_mask": hyper["attention_mask"],
+            "task_ids": torch.tensor([self.task_index.get(e.task, -1) for e in episodes], dtype=torch.long),
+        }

@@ -1,0 +1,374 @@
+"""The training loop: DeepSpeed engine, 8-bit Adam, streamed episodes, checkpoints, signals, MLflow.
+
+The engine knows nothing method-specific: ``build_method(config)`` gives an ``nn.Module`` whose forward maps a
+batch to a :class:`~hypertrain.models.base.MethodOutput`; the engine backpropagates ``loss`` and logs ``parts``.
+A method may expose ``checkpoint_tensors() -> dict`` and ``load_checkpoint_tensors(dict)`` for state that is not
+a parameter but must survive a restart (HART's consistency reference).
+
+Exactness: a resumed run sees exactly the batches an uninterrupted run would have seen (the data position is part
+of the checkpoint, see :mod:`hypertrain.data.stream`), with the same RNG states and optimizer state, so on CPU its
+per-step losses are bitwise those of the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import resource
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from hypertrain.checkpoint import Checkpoints, restore_rng_state, rng_state_tensors
+from hypertrain.config import Config, ConfigError, flatten
+from hypertrain.data.collate import EpisodeCollator
+from hypertrain.data.loader import EpisodeBatches, build_loader
+from hypertrain.data.stream import load_source, task_list
+from hypertrain.ds_config import zero_stage
+
+log = logging.getLogger("hypertrain")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. too many non-finite losses in a row); a checkpoint was written first."""
+
+
+class StopRequest:
+    """Remembers SIGTERM/SIGUSR1 (Slurm's warning before preemption or the time limit) until the next step."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+
+def device_for_rank(local_rank: int) -> torch.device:
+    """This rank's GPU; on CPU, share the cores among the node's ranks (unless OMP_NUM_THREADS says otherwise),
+    since oversubscribed intra-op threads spin and slow every rank down."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    if "OMP_NUM_THREADS" not in os.environ:
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
+    return torch.device("cpu")
+
+
+def linear_schedule(warmup: int, total: int, kind: str):
+    """LR multiplier: linear warm-up, then linear decay to 0 at ``total`` (``constant``: flat after warm-up)."""
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return factor
+
+
+def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float):
+    """bitsandbytes 8-bit AdamW (default) or torch AdamW, over the trainable parameters only."""
+    if name == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
+
+
+def enable_activation_checkpointing(method: torch.nn.Module, which: str) -> None:
+    """Recompute activations in backward for the main model and/or the hypernetwork encoder."""
+    if which == "none":
+        return
+    targets = {"main": ["main.t5"], "hypernetwork": ["hyper_encoder"], "both": ["main.t5", "hyper_encoder"]}[which]
+    for dotted in targets:
+        module: Any = method
+        for part in dotted.split("."):
+            module = getattr(module, part, None)
+        if module is None or not hasattr(module, "gradient_checkpointing_enable"):
+            raise ConfigError(f"train.activation_checkpointing: this method has no {dotted} to checkpoint")
+        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class Trainer:
+    """One rank's training run (every rank of a job builds one)."""
+
+    def __init__(self, cfg: Config, ds_config: dict[str, Any]) -> None:
+        self.cfg = cfg
+        self.ds_config = ds_config
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = device_for_rank(self.local_rank)
+        self.run_dir = Path(cfg.run.dir)
+        self.stop = StopRequest()
+
+    # set-up -------------------------------------------------------------------------------------------
+    def _sources(self):
+        if not self.cfg.data.train:
+            raise ConfigError("data.train: no training data (list prepared directories holding manifest.json)")
+        weights = self.cfg.data.weights or [1.0] * len(self.cfg.data.train)
+        return [load_source(path, weight) for path, weight in zip(self.cfg.data.train, weights, strict=True)]
+
+    def _build(self, tasks: list[str]):
+        import deepspeed
+
+        from hypertrain.models.build import build_method
+        from hypertrain.models.registry import load_tokenizer
+
+        cfg = self.cfg
+        ds_cfg = self.ds_config
+        micro, accumulation = ds_cfg["train_micro_batch_size_per_gpu"], ds_cfg["gradient_accumulation_steps"]
+        if micro * accumulation * self.world_size != ds_cfg["train_batch_size"]:
+            raise ConfigError(
+                f"the DeepSpeed config was resolved for another world size: train_batch_size "
+                f"{ds_cfg['train_batch_size']} != micro {micro} x accumulation {accumulation} x world {self.world_size}"
+            )
+        if cfg.method == "pha" and not cfg.pha.tasks:
+            cfg.pha.tasks = list(tasks)
+        self._hf_ds_config = None
+        if zero_stage(ds_cfg) == 3:
+            # Partition the pretrained weights while they load (keep the reference alive for transformers).
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._hf_ds_config = HfDeepSpeedConfig(ds_cfg)
+        torch.manual_seed(cfg.train.seed)
+        method = build_method(cfg, self.device)
+        enable_activation_checkpointing(method, cfg.train.activation_checkpointing)
+        params = [p for p in method.parameters() if p.requires_grad]
+        optimizer = make_optimizer(cfg.train.optimizer, params, cfg.train.lr, cfg.train.weight_decay)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, linear_schedule(cfg.train.warmup_steps, cfg.train.total_steps, cfg.train.schedule)
+        )
+        engine, optimizer, _, schedule = deepspeed.initialize(
+            model=method, optimizer=optimizer, lr_scheduler=schedule, model_parameters=params, config=ds_cfg
+        )
+        tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name)
+        self.trainable_parameters = sum(p.numel() for p in params)
+        return engine, schedule, tokenizer
+
+    def _tracker(self, run_id: str | None):
+        from hypertrain.tracking import Tracker
+
+        return Tracker(
+            self.run_dir,
+            enabled=self.rank == 0,
+            experiment=self.cfg.run.experiment,
+            run_name=self.cfg.run.name or self.run_dir.name,
+            run_id=run_id,
+        )
+
+    # the loop -------------------------------------------------------------------------------------------
+    def train(self) -> int:
+        cfg = self.cfg
+        sources = self._sources()
+        tasks = task_list(sources)
+        checkpoints = Checkpoints(self.run_dir, rank=self.rank, keep_last=cfg.run.keep_last, barrier=dist.barrier)
+        resume_from = checkpoints.latest() if cfg.run.resume == "auto" else None
+        if resume_from is not None:
+            saved = json.loads((resume_from / "hypertrain_state.json").read_text())
+            if saved["tasks"] != tasks:
+                raise ConfigError(
+                    f"{resume_from}: the checkpoint was trained on {len(saved['tasks'])} tasks, data.train now "
+                    f"lists {len(tasks)}; a resumed run must read the same data (task ids index the task list)"
+                )
+        engine, schedule, tokenizer = self._build(tasks)
+        ds_cfg = self.ds_config
+        method = engine.module
+
+        step, batches_done, run_id, nonfinite_total = 0, 0, None, 0
+        if resume_from is not None:
+            state, tensors = checkpoints.load(engine, resume_from)
+            step, batches_done, run_id = state["step"], state["batches_consumed"], state.get("mlflow_run_id")
+            nonfinite_total = state.get("nonfinite_steps", 0)
+            if hasattr(method, "load_checkpoint_tensors"):
+                method.load_checkpoint_tensors({k[7:]: v for k, v in tensors.items() if k.startswith("method.")})
+            if self.rank == 0:
+                log.info("resumed from %s at step %d (%d batches consumed per rank)", resume_from, step, batches_done)
+
+        tracker = self._tracker(run_id)
+        params = flatten(dataclasses.asdict(cfg))
+        params["model.trainable_parameters"] = self.trainable_parameters
+        # On resume the tracker adds only missing params and records changed values as an artifact.
+        tracker.start(params=params, tags=self._tags(sources))
+        if self.rank == 0 and resume_from is None:
+            tracker.log_dict(ds_cfg, "deepspeed_config.json")
+            for source in sources:
+                tracker.log_artifact(source.directory / "manifest.json", f"manifests/{source.directory.name}")
+
+        collate = EpisodeCollator(
+            tokenizer,
+            {task: index for index, task in enumerate(tasks)},
+            cfg.data.max_input_tokens,
+            cfg.data.max_target_tokens,
+            cfg.data.max_hyper_input_tokens,
+            cfg.data.pad_to_max,
+        )
+        dataset = EpisodeBatches(
+            sources,
+            collate,
+            rank=self.rank,
+            world_size=self.world_size,
+            num_workers=cfg.data.num_workers,
+            micro_batch_size=cfg.train.micro_batch_size,
+            seed=cfg.train.seed,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            start_batch=batches_done,
+        )
+        batches = iter(build_loader(dataset, pin_memory=self.device.type == "cuda"))  # draws from torch's RNG
+        if resume_from is not None:
+            restore_rng_state(tensors)  # last: nothing may draw from the RNGs between here and the first step
+        accumulation = ds_cfg["gradient_accumulation_steps"]
+
+        def save(reason: str) -> Path:
+            state = {
+                "step": step,
+                "batches_consumed": batches_done,
+                "tasks": tasks,
+                "mlflow_run_id": tracker.run_id,
+                "world_size": self.world_size,
+                "nonfinite_steps": nonfinite_total,
+                "reason": reason,
+                "config": dataclasses.asdict(cfg),
+            }
+            tensors = rng_state_tensors()
+            if hasattr(method, "checkpoint_tensors"):
+                tensors.update({f"method.{k}": v for k, v in method.checkpoint_tensors().items()})
+            path = checkpoints.save(engine, step, state, tensors)
+            if self.rank == 0:
+                log.info("checkpoint %s (%s)", path, reason)
+            return path
+
+        metrics_file = self.run_dir / "metrics.jsonl"
+        window: list[dict[str, float]] = []
+        nonfinite_in_row = 0
+        status, exit_code = "FINISHED", 0
+        method.train()
+        try:
+            while step < cfg.train.total_steps:
+                step_start = time.perf_counter()
+                data_wait = 0.0
+                totals = torch.zeros(3, dtype=torch.float64)  # loss sum, micro-batches, tokens
+                parts: dict[str, float] = {}
+                good = 0
+                while good < accumulation:
+                    fetch_start = time.perf_counter()
+                    batch = {k: v.to(self.device, non_blocking=True) for k, v in next(batches).items()}
+                    data_wait += time.perf_counter() - fetch_start
+                    batches_done += 1
+                    out = engine(batch)
+                    finite = bool(torch.isfinite(out.loss.detach()).item())
+                    flags = torch.tensor([0.0 if finite else 1.0, 1.0 if self.stop.signal_name else 0.0])
+                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                    if flags[0] > 0:  # some rank got NaN/inf: every rank skips this micro-batch
+                        nonfinite_in_row += 1
+                        nonfinite_total += 1
+                        if nonfinite_in_row >= cfg.train.max_nonfinite_in_row:
+                            save("non-finite losses")
+                            raise TrainingError(
+                                f"{nonfinite_in_row} non-finite losses in a row at step {step}; stopped with a "
+                                "checkpoint (lower train.lr, check the data, or use float32)"
+                            )
+                        continue
+                    nonfinite_in_row = 0
+                    engine.backward(out.loss)
+                    engine.step()
+                    good += 1
+                    totals += torch.tensor(
+                        [float(out.loss.detach()), 1.0, float(batch["attention_mask"].sum() + (batch["labels"] >= 0).sum()
+                                                          + batch["hyper_attention_mask"].sum())],
+                        dtype=torch.float64,
+                    )
+                    for name, value in out.parts.items():
+                        parts[name] = parts.get(name, 0.0) + float(value)
+                step += 1
+                step_time = time.perf_counter() - step_start
+                summed = torch.cat([totals, torch.tensor([parts[k] for k in sorted(parts)], dtype=torch.float64)])
+                dist.all_reduce(summed)
+                micro = summed[1].item()
+                row = {
+                    "loss": summed[0].item() / micro,
+                    **{f"loss/{k}": summed[3 + i].item() / micro for i, k in enumerate(sorted(parts))},
+                    "lr": schedule.get_last_lr()[0],
+                    "grad_norm": _grad_norm(engine),
+                    "skipped_steps": float(engine.skipped_steps),
+                    "nonfinite_steps": float(nonfinite_total),
+                    "samples_per_s": cfg.train.global_batch_size / step_time,
+                    "tokens_per_s": summed[2].item() / step_time,
+                    "step_time_s": step_time,
+                    "data_wait_s": data_wait,
+                    "memory_mb": peak_memory_mb(self.device),
+                }
+                if self.rank == 0:
+                    with open(metrics_file, "a", encoding="utf-8") as handle:
+                        handle.write(json.dumps({"step": step, **row}) + "\n")
+                    window.append(row)
+                    if step % cfg.run.log_every == 0 or step == cfg.train.total_steps:
+                        tracker.log_metrics({k: sum(r[k] for r in window) / len(window) for k in row}, step=step)
+                        log.info("step %d loss %.4f lr %.2e %.1f samples/s", step, row["loss"], row["lr"], row["samples_per_s"])
+                        window = []
+                if self.stop.signal_name or flags[1] > 0:
+                    save(f"signal {self.stop.signal_name or 'on another rank'}")
+                    status = "KILLED"
+                    if self.rank == 0:
+                        log.info("stopping at step %d on request; resume with the same command", step)
+                    break
+                if step % cfg.run.checkpoint_every == 0 and step < cfg.train.total_steps:
+                    save("periodic")
+            else:
+                save("end of training")
+        except TrainingError as err:
+            status, exit_code = "FAILED", 3
+            if self.rank == 0:
+                log.error("%s", err)
+        finally:
+            tracker.close(status=status)
+        return exit_code
+
+    def _tags(self, sources) -> dict[str, str]:
+        from hypertrain.tracking import default_tags
+
+        return default_tags(
+            method=self.cfg.method,
+            model=self.cfg.model.name,
+            datasets=[str(s.directory) for s in sources],
+            world_size=self.world_size,
+        )
+
+
+def _grad_norm(engine) -> float:
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return float("nan")
+    value = float(norm)
+    return value if math.isfinite(value) else float("nan")
+
+
+def d_model_of(name: str) -> int:
+    """d_model for the DeepSpeed bucket sizes: from the registry, or a local checkpoint's config.json."""
+    from hypertrain.models import registry
+
+    if registry.canonical_name(name) is not None:
+        return registry.get_shape(name).d_model
+    config_file = Path(name) / "config.json"
+    if config_file.is_file():
+        return int(json.loads(config_file.read_text())["d_model"])
+    return 2048

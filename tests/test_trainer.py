@@ -1,0 +1,199 @@
+"""The trainer through the real `deepspeed` launcher: 2 CPU ranks (gloo), ZeRO-2/3, 8-bit Adam, real shards.
+
+Each launch starts real processes (about 15-30 s on 2 cores), so the scenarios share launches where they can.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from data_prep.sni import prepare
+from hypertrain.config import SNIPrepConfig
+
+REPO = Path(__file__).resolve().parents[1]
+DEEPSPEED = Path(sys.executable).with_name("deepspeed")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(sni_sample, tmp_path_factory) -> Path:
+    """8 real S-NI episodes (4 test tasks x 2): one global batch of 8, seen again every step."""
+    out = tmp_path_factory.mktemp("tiny_data")
+    prepare(SNIPrepConfig(src=str(sni_sample), out=str(out), split="test", max_instances_per_task=2))
+    return out
+
+
+def launch(run_dir: Path, data: Path, *overrides: str, ds_config: str = "zero2.json", ranks: int = 2,
+           env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start `deepspeed hypertrain/main.py` with the tiny HART config on CPU (a new process group)."""
+    command = [
+        str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(free_port()),
+        "hypertrain/main.py", "--config", "configs/hart_tiny.yaml", "--ds_config", f"ds_configs/{ds_config}",
+        f"data.train=[{data}]", f"run.dir={run_dir}", "run.log_every=1", "data.num_workers=1",
+        "train.optimizer=adamw8bit", "train.global_batch_size=8", "train.micro_batch_size=4", *overrides,
+    ]
+    full_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # default: sqlite in run.dir
+    full_env.update({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})})
+    log = open(run_dir.parent / f"{run_dir.name}.log", "ab")  # noqa: SIM115 (closed with the process)
+    return subprocess.Popen(command, cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def finish(process: subprocess.Popen, run_dir: Path, timeout: float = 300) -> int:
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise AssertionError(f"run did not finish in {timeout}s:\n{log_tail(run_dir)}") from None
+
+
+def log_tail(run_dir: Path, lines: int = 40) -> str:
+    path = run_dir.parent / f"{run_dir.name}.log"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else "(no log)"
+
+
+def metrics(run_dir: Path) -> dict[int, dict]:
+    """Per-step rows of rank 0's metrics.jsonl; a step logged twice (before a crash and after resume) keeps the last."""
+    rows = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        rows[row["step"]] = row
+    return rows
+
+
+def wait_for(predicate, timeout: float, what: str, process: subprocess.Popen, run_dir: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if process.poll() is not None:
+            raise AssertionError(f"run exited ({process.returncode}) before {what}:\n{log_tail(run_dir)}")
+        if time.monotonic() > deadline:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise AssertionError(f"timed out waiting for {what}:\n{log_tail(run_dir)}")
+        time.sleep(0.05)
+
+
+def latest_tag(run_dir: Path) -> str | None:
+    pointer = run_dir / "checkpoints" / "latest"
+    return pointer.read_text().strip() if pointer.exists() else None
+
+
+def mlflow_runs(run_dir: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir}/mlflow.db")
+    experiment = client.get_experiment_by_name("hypertrain")
+    return client, client.search_runs([experiment.experiment_id])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ds_config", ["zero2.json", "zero3.json"])
+def test_loss_goes_down_with_8bit_adam_and_mlflow_records_the_run(tiny_data, tmp_path, ds_config):
+    run_dir = tmp_path / "run"
+    code = finish(launch(run_dir, tiny_data, "train.total_steps=30", "run.checkpoint_every=100",
+                         ds_config=ds_config), run_dir)
+    assert code == 0, log_tail(run_dir)
+    rows = metrics(run_dir)
+    assert sorted(rows) == list(range(1, 31))
+    first, last = sum(rows[s]["loss"] for s in (1, 2, 3)) / 3, sum(rows[s]["loss"] for s in (28, 29, 30)) / 3
+    assert last < 0.7 * first, (first, last)
+    assert latest_tag(run_dir) == "step-00000030"
+    checkpoint = run_dir / "checkpoints" / "step-00000030"
+    state = json.loads((checkpoint / "hypertrain_state.json").read_text())
+    assert state["step"] == 30 and state["batches_consumed"] == 30 and state["world_size"] == 2
+    assert sorted(p.name for p in checkpoint.glob("rank*.safetensors")) == ["rank00000.safetensors", "rank00001.safetensors"]
+
+    client, runs = mlflow_runs(run_dir)
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.optimizer"] == "adamw8bit" and run.data.params["method"] == "hart"
+    assert run.data.tags["world_size"] == "2" and run.data.tags["method"] == "hart"
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in history] == list(range(1, 31))
+    assert {"lr", "grad_norm", "samples_per_s", "tokens_per_s", "data_wait_s", "loss/lm", "loss/consistency"} <= set(run.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "deepspeed_config.json" in artifacts and "manifests" in artifacts
+
+
+def test_kill9_then_resume_reproduces_the_uninterrupted_losses(tiny_data, tmp_path):
+    steps = ["train.total_steps=24", "run.checkpoint_every=6", "train.warmup_steps=3"]
+    reference = tmp_path / "reference"
+    assert finish(launch(reference, tiny_data, *steps), reference) == 0, log_tail(reference)
+
+    crashed = tmp_path / "crashed"
+    process = launch(crashed, tiny_data, *steps)
+    wait_for(lambda: latest_tag(crashed) == "step-00000012", 240, "the step-12 checkpoint", process, crashed)
+    os.killpg(process.pid, signal.SIGKILL)  # no warning, no checkpoint: like a node failure
+    process.wait()
+    assert finish(launch(crashed, tiny_data, *steps), crashed) == 0, log_tail(crashed)
+
+    expected, resumed = metrics(reference), metrics(crashed)
+    assert sorted(resumed) == list(range(1, 25))
+    for step in range(13, 25):  # recomputed after the restart: bitwise equal on CPU
+        assert resumed[step]["loss"] == expected[step]["loss"], step
+        assert resumed[step]["grad_norm"] == expected[step]["grad_norm"], step
+        assert resumed[step]["lr"] == expected[step]["lr"], step
+
+    client, runs = mlflow_runs(crashed)
+    assert len(runs) == 1, "the resumed run must continue the same MLflow run"
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")][-12:] == list(range(13, 25))
+
+
+def test_sigterm_checkpoints_and_exits_zero(tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    process = launch(run_dir, tiny_data, "train.total_steps=100000", "run.checkpoint_every=100000")
+    wait_for(lambda: (run_dir / "metrics.jsonl").exists() and len(metrics(run_dir)) >= 3, 240,
+             "three steps", process, run_dir)
+    import psutil
+
+    ranks = [p for p in psutil.Process(process.pid).children(recursive=True) if "hypertrain/main.py" in " ".join(p.cmdline())]
+    assert len(ranks) == 2
+    ranks[1].send_signal(signal.SIGTERM)  # one rank is told; all must agree on the same step
+    assert finish(process, run_dir, timeout=120) == 0, log_tail(run_dir)
+    tag = latest_tag(run_dir)
+    state = json.loads((run_dir / "checkpoints" / tag / "hypertrain_state.json").read_text())
+    assert state["reason"].startswith("signal") and tag == f"step-{state['step']:08d}"
+    assert state["step"] == max(metrics(run_dir))
+    _, runs = mlflow_runs(run_dir)
+    assert runs[0].info.status == "KILLED"
+
+
+def test_dead_tracking_server_does_not_stop_training(tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    process = launch(run_dir, tiny_data, "train.total_steps=4", ranks=1,
+                     env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"})
+    assert finish(process, run_dir) == 0, log_tail(run_dir)
+    assert sorted(metrics(run_dir)) == [1, 2, 3, 4]
+
+
+def test_batch_size_mismatch_is_rejected_before_launch(tiny_data, tmp_path):
+    bad = tmp_path / "bad.json"
+    config = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+    bad.write_text(json.dumps({**config, "train_batch_size": 12}))
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "hypertrain.main", "--config", "configs/hart_tiny.yaml", "--ds_config", str(bad),
+         f"data.train=[{tiny_data}]", f"run.dir={tmp_path / 'run'}", "train.global_batch_size=8",
+         "train.micro_batch_size=4"],
+        cwd=REPO, capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"},
+    )
+    assert result.returncode == 2
+    assert "12" in result.stderr and "8" in result.stderr and "4" in result.stderr, result.stderr
+    assert not (tmp_path / "run").exists()
+    assert time.monotonic() - start < 60
