@@ -5,6 +5,7 @@ Layout under ``<run dir>/checkpoints``::
     step-00001000/            DeepSpeed's files (trainable weights, optimizer, scheduler; frozen weights excluded)
         hypertrain_state.json run state: step, data position, task list, MLflow run id, resolved config
         rank00000.safetensors per-rank tensors: RNG states, method state (e.g. HART's consistency reference)
+    trainable.safetensors     the trainable weights, gathered (what ``hypertrain export`` ships; no DeepSpeed needed)
     latest                    the tag of the newest complete checkpoint
 
 A checkpoint is written under ``step-XXXXXXXX.tmp`` by every rank and renamed by rank 0 only when all ranks have
@@ -28,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 STATE_FILE = "hypertrain_state.json"
+TRAINABLE_FILE = "trainable.safetensors"
 LATEST = "latest"
 
 
@@ -55,6 +57,18 @@ def restore_rng_state(tensors: dict[str, torch.Tensor]) -> None:
     random.setstate((py[0], tuple(py[1]), py[2]))
     kind, keys, pos, has_gauss, gauss = json.loads(bytes(tensors["rng.numpy"].tolist()).decode())
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+
+
+def trainable_state_dict(engine) -> dict[str, torch.Tensor]:
+    """The trainable parameters by name, full (gathered under ZeRO-3), on CPU; every rank must call it."""
+    module = engine.module
+    names = {name for name, param in module.named_parameters() if param.requires_grad}
+    if engine.zero_optimization_partition_weights():
+        full = engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True)
+        full = full or {}  # only rank 0 receives the weights
+    else:
+        full = module.state_dict()
+    return {name: tensor.detach().cpu().contiguous() for name, tensor in full.items() if name in names}
 
 
 class Checkpoints:
@@ -85,6 +99,9 @@ class Checkpoints:
             shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a save that crashed
         self.barrier()
         engine.save_checkpoint(str(self.root), tag=tmp.name, save_latest=False, exclude_frozen_parameters=True)
+        weights = trainable_state_dict(engine)  # collective under ZeRO-3
+        if self.rank == 0:
+            save_file(weights, str(tmp / TRAINABLE_FILE))
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / f"rank{self.rank:05d}.safetensors"))
         self.barrier()
         final = self.root / tag

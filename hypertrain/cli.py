@@ -15,6 +15,7 @@ from collections.abc import Sequence
 # sub-command → module that registers it
 COMMANDS: dict[str, str] = {
     "params": "hypertrain.params",
+    "export": "hypertrain.export",
 }
 
 
