@@ -46,7 +46,7 @@ def test_config_builds_the_paper_architecture(method):
     assert isinstance(method.main, FrozenT5)
     assert len(method.hyper_decoder.block) == 2 and method.hyper_decoder.embed_tokens is None
     rows = 2 if method.generator == "autoregressive" else 2 * 4
-    assert method.latent_input.shape == (rows, 64)
+    assert method.latent.weight.shape == (rows, 64)
     # the hypernetwork is a separate copy of the same checkpoint
     main_q = method.main.t5.encoder.block[0].layer[0].SelfAttention.q.weight
     hyper_q = method.hyper_encoder.block[0].layer[0].SelfAttention.q.weight
@@ -141,9 +141,9 @@ def test_parallel_is_one_bidirectional_pass_without_a_chain():
         base = method.parallel_states(demos, batch["hyper_attention_mask"])
         handle.remove()
         assert len(calls) == 1 and base.shape == (3, 8, 64)
-        method.latent_input[-1] += 1.0  # the last input row reaches the first output row: bidirectional
+        method.latent.weight[-1] += 1.0  # the last input row reaches the first output row: bidirectional
         moved = method.parallel_states(demos, batch["hyper_attention_mask"])
-        method.latent_input[-1] -= 1.0
+        method.latent.weight[-1] -= 1.0
     assert not torch.allclose(moved[:, 0], base[:, 0], atol=1e-4)
     # every layer's prefixes come from the same state h, not from the previous layer's
     with torch.no_grad():

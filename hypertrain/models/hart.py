@@ -16,6 +16,7 @@ Both share everything but the generator (``docs/models.md`` has the shapes and t
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from typing import Literal
@@ -191,9 +192,36 @@ def copy_stack(source: T5Stack, num_layers: int | None = None, embeddings: bool 
         stack.to(dtype=source_param.dtype)
     else:
         keep = set(stack.state_dict())
-        state = {k: v.detach().clone() for k, v in source.state_dict().items() if k in keep}
+        with gathered(source):
+            state = {k: v.detach().clone() for k, v in source.state_dict().items() if k in keep}
         stack.load_state_dict(state, strict=True, assign=True)
     return stack.requires_grad_(True)
+
+
+def gathered(module: nn.Module):
+    """Context in which ``module``'s weights are whole: under ZeRO-3 (``HfDeepSpeedConfig`` before
+    ``from_pretrained``) the main model is partitioned at load, and a copy must gather it first."""
+    partitioned = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
+
+
+class LearnableInput(nn.Module):
+    """The hypernetwork decoder's learnable input rows (z, or HyperTuning's 2p rows).
+
+    A module rather than a bare parameter of the method, so that ZeRO-3's module hooks gather it for the
+    forward and again for the backward (they only see module outputs, and the method returns a dataclass).
+    """
+
+    def __init__(self, rows: Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(rows)
+
+    def forward(self, batch_size: int) -> Tensor:
+        return self.weight.expand(batch_size, -1, -1)
 
 
 class HartMethod(nn.Module):
@@ -231,13 +259,11 @@ class HartMethod(nn.Module):
         d_hyper = source.config.d_model
 
         rows = 2 if generator == "autoregressive" else 2 * prefix_length
-        self.latent_input = nn.Parameter(
-            self._init_latent(self.hyper_encoder.embed_tokens.weight, rows, seed)
-        )
+        self.latent = LearnableInput(self._init_latent(self.hyper_encoder.embed_tokens.weight, rows, seed))
         expand = prefix_length if generator == "autoregressive" else 1
         layers = {"encoder": main.num_encoder_layers, "decoder": main.num_decoder_layers}
         self.fusion_projection: nn.Module = nn.Identity()
-        with torch.device(self.latent_input.device):  # meta stays meta: no memory for T5-XL's heads
+        with torch.device(self.latent.weight.device):  # meta stays meta: no memory for T5-XL's heads
             self.heads = nn.ModuleDict(
                 {
                     group: PrefixHead(
@@ -253,8 +279,8 @@ class HartMethod(nn.Module):
             )
             if fusion and d_hyper != main.d_model:
                 self.fusion_projection = nn.Linear(d_hyper, main.d_model)
-        self.heads.to(dtype=self.latent_input.dtype)
-        self.fusion_projection.to(dtype=self.latent_input.dtype)
+        self.heads.to(dtype=self.latent.weight.dtype)
+        self.fusion_projection.to(dtype=self.latent.weight.dtype)
         self.consistency = ConsistencyLoss(consistency)
 
     @staticmethod
@@ -276,7 +302,7 @@ class HartMethod(nn.Module):
         self, demos: Tensor, demos_mask: Tensor | None, steps: int | None = None
     ) -> Tensor:
         """h_1..h_L [B, L, 2, d]: step 1 reads z, step l reads h_{l-1}; the KV cache holds earlier steps."""
-        x = self.latent_input.expand(demos.shape[0], -1, -1)
+        x = self.latent(demos.shape[0])
         cache = None
         states = []
         for _ in range(steps or self.num_steps):
@@ -293,7 +319,7 @@ class HartMethod(nn.Module):
 
     def parallel_states(self, demos: Tensor, demos_mask: Tensor | None) -> Tensor:
         """h [B, 2p, d] from one pass where every input row attends to every other (bidirectional)."""
-        x = self.latent_input.expand(demos.shape[0], -1, -1)
+        x = self.latent(demos.shape[0])
         rows = x.shape[1]
         bidirectional = x.new_zeros(x.shape[0], 1, rows, rows)  # a 4D additive mask is used as given
         out = self.hyper_decoder(
@@ -371,7 +397,7 @@ class HartMethod(nn.Module):
             "hypernetwork encoder": [p for p in self.hyper_encoder.parameters() if id(p) not in embed_ids],
             "hypernetwork decoder": list(self.hyper_decoder.parameters()),
             "hypernetwork embeddings": embed,
-            "learnable input": [self.latent_input],
+            "learnable input": [self.latent.weight],
         }
         for group in GROUPS:
             parts[f"heads: {group.replace('_', ' ')}"] = list(self.heads[group].parameters())
