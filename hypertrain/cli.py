@@ -14,20 +14,33 @@ from collections.abc import Sequence
 
 # sub-command → module that registers it
 COMMANDS: dict[str, str] = {
+    "train": "hypertrain.main",
     "params": "hypertrain.params",
     "export": "hypertrain.export",
+    "demo": "hypertrain.demo",
+    "compare": "hypertrain.compare",
+    "eval": "hypertrain.evaluation.cli",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hypertrain", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="hypertrain", description="Train and evaluate hypernetworks that write PEFT weights for a frozen T5."
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module_name in COMMANDS.values():
         importlib.import_module(module_name).register(subparsers)
     return parser
 
 
+# sub-commands that take their own command line whole (``hypertrain train --config ... key=value``)
+PASSTHROUGH: dict[str, str] = {"train": "hypertrain.main"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PASSTHROUGH:
+        return int(importlib.import_module(PASSTHROUGH[argv[0]]).main(argv[1:]) or 0)
     parser = build_parser()
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)

@@ -298,11 +298,43 @@ class RunConfig:
     """Checkpoints kept in ``dir/checkpoints`` (older ones are deleted after a new one is complete)."""
     log_every: int = 10
     """Steps between metric rows sent to MLflow (and printed)."""
+    peak_flops: float | None = None
+    """Peak FLOP/s of one device for the logged MFU (default: looked up from the GPU's name; none on CPU)."""
+    tracking_flush_timeout: float = 30.0
+    """Seconds the end of a run waits for unsent MLflow rows (a down server never blocks training itself)."""
 
     def __post_init__(self) -> None:
         for name in ("checkpoint_every", "keep_last", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"run.{name}: must be >= 1, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """Evaluation in training and ``hypertrain eval`` (``docs/evaluation.md``): S-NI ROUGE-L, P3 rank classification."""
+
+    data: list[str] = dataclasses.field(default_factory=list)
+    """Prepared evaluation directories (S-NI ``--split test``, P3 ``--split eval``); empty: no evaluation in training."""
+    every: int = 0
+    """Steps between evaluations in training; 0: only at the end of training (which is always evaluated)."""
+    batch_size: int = 16
+    """Examples per rank per forward pass (one task per batch)."""
+    max_new_tokens: int = 128
+    """S-NI generation length."""
+    num_beams: int = 1
+    """1: greedy decoding (the protocol); > 1: beam search."""
+    max_examples_per_task: int = 0
+    """Keep each task's first N examples (quick evaluations); 0 keeps all."""
+    retrieval_instances: int = 0
+    """PHA: a new task's prototype is retrieved from its first N instances; 0: all of them."""
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "max_new_tokens", "num_beams"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"eval.{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("every", "max_examples_per_task", "retrieval_instances"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"eval.{name}: must be >= 0, got {getattr(self, name)}")
 
 
 @dataclasses.dataclass
@@ -319,6 +351,7 @@ class Config:
     sni_prep: SNIPrepConfig = dataclasses.field(default_factory=SNIPrepConfig)
     p3_prep: P3PrepConfig = dataclasses.field(default_factory=P3PrepConfig)
     pha: PhaConfig = dataclasses.field(default_factory=PhaConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -32,6 +32,8 @@ from hypertrain.data.collate import EpisodeCollator
 from hypertrain.data.loader import EpisodeBatches, build_loader
 from hypertrain.data.stream import load_source, task_list
 from hypertrain.ds_config import zero_stage
+from hypertrain.evaluation.runner import evaluate_in_training
+from hypertrain.flops import peak_flops
 
 log = logging.getLogger("hypertrain")
 
@@ -257,6 +259,9 @@ class Trainer:
                 log.info("checkpoint %s (%s)", path, reason)
             return path
 
+        sample_flops = SampleFlops(cfg)
+        peak = peak_flops(torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
+                          cfg.run.peak_flops)
         metrics_file = self.run_dir / "metrics.jsonl"
         window: list[dict[str, float]] = []
         nonfinite_in_row = 0
@@ -266,7 +271,7 @@ class Trainer:
             while step < cfg.train.total_steps:
                 step_start = time.perf_counter()
                 data_wait = 0.0
-                totals = torch.zeros(3, dtype=torch.float64)  # loss sum, micro-batches, tokens
+                totals = torch.zeros(4, dtype=torch.float64)  # loss sum, micro-batches, tokens, model FLOPs
                 parts: dict[str, float] = {}
                 good = 0
                 while good < accumulation:
@@ -292,9 +297,9 @@ class Trainer:
                     engine.backward(out.loss)
                     engine.step()
                     good += 1
+                    tokens = batch["attention_mask"].sum() + (batch["labels"] >= 0).sum() + batch["hyper_attention_mask"].sum()
                     totals += torch.tensor(
-                        [float(out.loss.detach()), 1.0, float(batch["attention_mask"].sum() + (batch["labels"] >= 0).sum()
-                                                          + batch["hyper_attention_mask"].sum())],
+                        [float(out.loss.detach()), 1.0, float(tokens), sample_flops.of_batch(batch)],
                         dtype=torch.float64,
                     )
                     for name, value in out.parts.items():
@@ -306,7 +311,7 @@ class Trainer:
                 micro = summed[1].item()
                 row = {
                     "loss": summed[0].item() / micro,
-                    **{f"loss/{k}": summed[3 + i].item() / micro for i, k in enumerate(sorted(parts))},
+                    **{f"loss/{k}": summed[4 + i].item() / micro for i, k in enumerate(sorted(parts))},
                     "lr": schedule.get_last_lr()[0],
                     "grad_norm": _grad_norm(engine),
                     "skipped_steps": float(engine.skipped_steps),
@@ -314,9 +319,12 @@ class Trainer:
                     "samples_per_s": cfg.train.global_batch_size / step_time,
                     "tokens_per_s": summed[2].item() / step_time,
                     "step_time_s": step_time,
+                    "tflops_per_s": summed[3].item() / step_time / 1e12,
                     "data_wait_s": data_wait,
                     "memory_mb": peak_memory_mb(self.device),
                 }
+                if peak:
+                    row["mfu"] = summed[3].item() / step_time / (self.world_size * peak)
                 if self.rank == 0:
                     with open(metrics_file, "a", encoding="utf-8") as handle:
                         handle.write(json.dumps({"step": step, **row}) + "\n")
@@ -333,6 +341,8 @@ class Trainer:
                     break
                 if step % cfg.run.checkpoint_every == 0 and step < cfg.train.total_steps:
                     save("periodic")
+                # collective, a no-op unless due (eval.every, last step); keeps RNG streams and train mode
+                evaluate_in_training(method, cfg, tokenizer, step, tracker, self.rank, self.world_size, self.device)
             else:
                 save("end of training")
         except TrainingError as err:
@@ -340,7 +350,7 @@ class Trainer:
             if self.rank == 0:
                 log.error("%s", err)
         finally:
-            tracker.close(status=status)
+            tracker.close(status=status, timeout=cfg.run.tracking_flush_timeout)
         return exit_code
 
     def _tags(self, sources) -> dict[str, str]:
@@ -352,6 +362,22 @@ class Trainer:
             datasets=[str(s.directory) for s in sources],
             world_size=self.world_size,
         )
+
+
+class SampleFlops:
+    """Model FLOPs of a micro-batch at its padded lengths (what the hardware computes), cached per shape."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.cache: dict[tuple[int, int, int], float] = {}
+
+    def of_batch(self, batch: dict[str, torch.Tensor]) -> float:
+        from hypertrain.flops import flops_per_sample
+
+        key = (batch["input_ids"].shape[1], batch["labels"].shape[1], batch["hyper_input_ids"].shape[1])
+        if key not in self.cache:
+            self.cache[key] = flops_per_sample(self.cfg, input_tokens=key[0], target_tokens=key[1], hyper_tokens=key[2])
+        return self.cache[key] * batch["input_ids"].shape[0]
 
 
 def _grad_norm(engine) -> float:

@@ -106,5 +106,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             dist.destroy_process_group()
 
 
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """``hypertrain train ...``: the same as ``python -m hypertrain.main ...`` (one process, or under a launcher)."""
+    parser = subparsers.add_parser("train", help="train a hypernetwork (see hypertrain/main.py --help)", add_help=False)
+    parser.add_argument("args", nargs=argparse.REMAINDER)
+    parser.set_defaults(func=lambda args: main(args.args))
+
+
 if __name__ == "__main__":
     sys.exit(main())

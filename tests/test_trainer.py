@@ -176,7 +176,10 @@ def test_sigterm_checkpoints_and_exits_zero(tiny_data, tmp_path):
              "three steps", process, run_dir)
     import psutil
 
-    ranks = [p for p in psutil.Process(process.pid).children(recursive=True) if "hypertrain/main.py" in " ".join(p.cmdline())]
+    ranks = [  # the training processes (the launcher's own launch.py also names main.py, without --local_rank)
+        p for p in psutil.Process(process.pid).children(recursive=True)
+        if "hypertrain/main.py" in p.cmdline() and any(a.startswith("--local_rank") for a in p.cmdline())
+    ]
     assert len(ranks) == 2
     ranks[1].send_signal(signal.SIGTERM)  # one rank is told; all must agree on the same step
     assert finish(process, run_dir, timeout=120) == 0, log_tail(run_dir)
@@ -190,7 +193,7 @@ def test_sigterm_checkpoints_and_exits_zero(tiny_data, tmp_path):
 
 def test_dead_tracking_server_does_not_stop_training(tiny_data, tmp_path):
     run_dir = tmp_path / "run"
-    process = launch(run_dir, tiny_data, "train.total_steps=4", ranks=1,
+    process = launch(run_dir, tiny_data, "train.total_steps=4", "run.tracking_flush_timeout=3", ranks=1,
                      env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"})
     assert finish(process, run_dir) == 0, log_tail(run_dir)
     assert sorted(metrics(run_dir)) == [1, 2, 3, 4]
