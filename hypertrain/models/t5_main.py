@@ -201,6 +201,11 @@ def _make_prefix_attention(base: Callable[..., tuple[Tensor, Tensor | None]]) ->
         **kwargs: Any,
     ) -> tuple[Tensor, Tensor | None]:
         peft: PeftParams | None = kwargs.pop(PEFT_KWARG, None)
+        if getattr(module, "_hypertrain_cross", False):
+            # T5's cross-attention has no relative bias: its position_bias is all zeros. Dropping it lets SDPA
+            # take the padding mask as it is instead of a dense [B, heads, q, k] bias+mask built in every layer
+            # (and kept for the backward); x + 0 = x, so outputs are unchanged.
+            position_bias = None
         site = getattr(module, "_hypertrain_site", None)  # set on self-attention modules only
         kv = peft.prefix(*site) if peft is not None and site is not None else None
         if kv is None:
@@ -324,6 +329,9 @@ def install(
                 _swap_class(block.layer[-1], AdapterT5LayerFF)
             block._hypertrain_site = (stack_name, i)
             block.layer[0].SelfAttention._hypertrain_site = (stack_name, i)
+            if stack_name == "decoder":
+                cross = block.layer[1].EncDecAttention
+                cross._hypertrain_cross = not cross.has_relative_attention_bias
     model.requires_grad_(False)
     return model
 
