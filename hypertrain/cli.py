@@ -16,6 +16,7 @@ from collections.abc import Sequence
 COMMANDS: dict[str, str] = {
     "train": "hypertrain.main",
     "params": "hypertrain.params",
+    "plan": "hypertrain.plan",
     "export": "hypertrain.export",
     "demo": "hypertrain.demo",
     "compare": "hypertrain.compare",
