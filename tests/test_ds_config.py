@@ -292,3 +292,11 @@ def test_bf16_overflow_key_is_what_protects_zero2(ds_runs: dict[str, dict[str, A
 
 if __name__ == "__main__":
     _worker()
+
+
+def test_auto_buckets_have_a_floor_for_small_models():
+    raw = {"zero_optimization": {"stage": 2, "reduce_bucket_size": "auto", "allgather_bucket_size": "auto"}}
+    cfg = resolve_ds_config(raw, global_batch_size=8, micro_batch_size=4, world_size=2, gradient_clipping=1.0,
+                            bf16=False, d_model=64)
+    assert cfg["zero_optimization"]["reduce_bucket_size"] == 2048 * 2048
+    assert cfg["zero_optimization"]["allgather_bucket_size"] == 2048 * 2048

@@ -1,0 +1,371 @@
+"""``hypertrain compare``: training runs side by side, read from MLflow — a table and PNG plots.
+
+    hypertrain compare --tracking-uri runs/demo/mlflow.db --experiment demo --out runs/demo/compare
+    hypertrain compare --runs 3f2a... 9b1c... --metric 'eval/sni/rougeL' 'eval/sni/category/*/rougeL'
+
+Runs come from ``MlflowClient.search_runs`` (``--experiment``, newest first) or by id (``--runs``). The table has
+one row per run: method, model, steps, the last logged training loss, the final value of every selected
+``eval/...`` metric (whatever the evaluation logged: S-NI ``rougeL``/``exact_match`` overall and per category,
+P3 accuracy, ...), mean samples/s and MFU (when the run logged one). ``--out`` receives ``comparison.md``,
+``comparison.csv`` and three plots: ``loss.png`` (loss curves overlaid), ``eval.png`` (eval metrics as grouped
+bars) and ``throughput.png`` (samples/s and MFU or tokens/s per run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import math
+import os
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+DEFAULT_METRICS = ("eval/*/rougeL", "eval/*/exact_match", "eval/*/accuracy", "eval/*/dataset_median_average",
+                   "eval/*/category/*/rougeL", "eval/*/dataset/*/median")
+"""Eval metrics shown when ``--metric`` is not given (globs; those a run did not log are left out)."""
+MFU_PATTERN = re.compile(r"(^|[/_])mfu$", re.IGNORECASE)
+
+
+class CompareError(RuntimeError):
+    """Nothing to compare (no tracking store, no experiment, no runs); the message says what was looked for."""
+
+
+@dataclasses.dataclass
+class RunSummary:
+    """One run's row of the comparison, plus the histories the plots need."""
+
+    run_id: str
+    name: str
+    method: str
+    model: str
+    status: str
+    steps: int | None
+    train_loss: float | None
+    samples_per_s: float | None
+    tokens_per_s: float | None
+    mfu: float | None
+    eval: dict[str, float]
+    loss_history: list[tuple[int, float]]
+
+
+def resolve_tracking_uri(value: str | None) -> str:
+    """``--tracking-uri``: a URI, an ``.db`` file or a directory holding ``mlflow.db`` (a run or demo directory);
+    default ``$MLFLOW_TRACKING_URI``, else ``./mlflow.db``."""
+    value = value or os.environ.get("MLFLOW_TRACKING_URI")
+    if not value:
+        value = "mlflow.db"
+    if "://" in value:
+        return value
+    path = Path(value)
+    if path.is_dir():
+        path = path / "mlflow.db"
+    if not path.is_file():
+        raise CompareError(f"no MLflow store at {path} (pass --tracking-uri URI, a mlflow.db file or a directory holding one)")
+    return f"sqlite:///{path.resolve()}"
+
+
+def _history(client: Any, run_id: str, key: str) -> list[tuple[int, float]]:
+    points = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+    by_step: dict[int, float] = {}
+    for m in points:  # a step logged twice (before a crash and after the resume) keeps the last value
+        by_step[m.step] = m.value
+    return sorted(by_step.items())
+
+
+def _mean_steady(values: list[float]) -> float | None:
+    """Mean over the logged points, leaving out the first (start-up and compilation) when there are several."""
+    values = [v for v in values if math.isfinite(v)]
+    if not values:
+        return None
+    steady = values[1:] if len(values) > 1 else values
+    return sum(steady) / len(steady)
+
+
+def glob_regex(pattern: str) -> re.Pattern[str]:
+    """A metric-name glob: ``*`` matches within one ``/`` segment, ``**`` across segments, ``?`` one character."""
+    parts = []
+    for token in re.split(r"(\*\*|\*|\?)", pattern):
+        parts.append({"**": ".*", "*": "[^/]*", "?": "[^/]"}.get(token, re.escape(token)))
+    return re.compile("".join(parts) + r"\Z")
+
+
+def select_metrics(names: Sequence[str], patterns: Sequence[str]) -> list[str]:
+    """The metric names matching any of ``patterns`` (:func:`glob_regex`), in pattern order, then name order."""
+    chosen: list[str] = []
+    for pattern in patterns:
+        regex = glob_regex(pattern)
+        for name in sorted(names):
+            if regex.match(name) and name not in chosen:
+                chosen.append(name)
+    return chosen
+
+
+def summarize_run(client: Any, run: Any, metric_patterns: Sequence[str]) -> RunSummary:
+    data = run.data
+    params, tags, metrics = data.params, data.tags, data.metrics
+    loss = _history(client, run.info.run_id, "loss") if "loss" in metrics else []
+    samples = [v for _, v in _history(client, run.info.run_id, "samples_per_s")] if "samples_per_s" in metrics else []
+    tokens = [v for _, v in _history(client, run.info.run_id, "tokens_per_s")] if "tokens_per_s" in metrics else []
+    mfu_keys = [k for k in metrics if MFU_PATTERN.search(k)]
+    mfu = _mean_steady([v for _, v in _history(client, run.info.run_id, mfu_keys[0])]) if mfu_keys else None
+    eval_names = select_metrics([k for k in metrics if k.startswith("eval/")], metric_patterns)
+    return RunSummary(
+        run_id=run.info.run_id,
+        name=run.info.run_name or tags.get("mlflow.runName", run.info.run_id[:8]),
+        method=tags.get("method") or params.get("method", "?"),
+        model=tags.get("model") or params.get("model.name", "?"),
+        status=run.info.status,
+        steps=loss[-1][0] if loss else None,
+        train_loss=loss[-1][1] if loss else metrics.get("loss"),
+        samples_per_s=_mean_steady(samples),
+        tokens_per_s=_mean_steady(tokens),
+        mfu=mfu,
+        eval={name: metrics[name] for name in eval_names},
+        loss_history=loss,
+    )
+
+
+def load_runs(
+    tracking_uri: str, experiment: str | None = None, run_ids: Sequence[str] = (), metric_patterns: Sequence[str] = DEFAULT_METRICS,
+    max_runs: int = 50,
+) -> list[RunSummary]:
+    """Read the runs to compare: by id, else ``search_runs`` over the experiment (all experiments if None)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    try:
+        if run_ids:
+            runs = [client.get_run(run_id) for run_id in run_ids]
+        else:
+            if experiment:
+                found = client.get_experiment_by_name(experiment)
+                if found is None:
+                    names = sorted(e.name for e in client.search_experiments())
+                    raise CompareError(f"no experiment {experiment!r} in {tracking_uri} (experiments: {', '.join(names) or 'none'})")
+                ids = [found.experiment_id]
+            else:
+                ids = [e.experiment_id for e in client.search_experiments()]
+            runs = client.search_runs(ids, max_results=max_runs, order_by=["attributes.start_time DESC"]) if ids else []
+    except MlflowException as err:
+        raise CompareError(f"MLflow could not read {tracking_uri}: {err.message}") from err
+    if not runs:
+        raise CompareError(f"no runs found in {tracking_uri}" + (f" (experiment {experiment!r})" if experiment else ""))
+    runs = sorted(runs, key=lambda r: r.info.start_time or 0)
+    from tqdm import tqdm
+
+    return [summarize_run(client, run, metric_patterns)
+            for run in tqdm(runs, desc="reading runs", unit="run", disable=len(runs) < 5, file=sys.stderr)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Table
+# --------------------------------------------------------------------------------------------------
+
+
+def metric_label(name: str) -> str:
+    """``eval/sni/category/String_Edits/rougeL`` → ``sni String_Edits rougeL``."""
+    parts = name.split("/")[1:]
+    return " ".join(p for p in parts if p not in ("category", "dataset"))
+
+
+def _fmt(value: float | int | None, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.{digits}f}"
+
+
+def table_rows(runs: Sequence[RunSummary]) -> tuple[list[str], list[list[str]]]:
+    """Header and formatted rows (eval columns: the union of the runs' selected metrics)."""
+    eval_columns: list[str] = []
+    for run in runs:
+        eval_columns += [k for k in run.eval if k not in eval_columns]
+    header = ["run", "method", "model", "steps", "train loss", *[metric_label(c) for c in eval_columns], "samples/s", "MFU"]
+    rows = []
+    for run in runs:
+        rows.append([
+            run.name, run.method, run.model, _fmt(run.steps), _fmt(run.train_loss, 3),
+            *[_fmt(run.eval.get(c)) for c in eval_columns],
+            _fmt(run.samples_per_s, 1), "-" if run.mfu is None else f"{100 * run.mfu:.1f}%",
+        ])
+    return header, rows
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[str]], markdown: bool = False) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+
+    def line(cells: Sequence[str]) -> str:
+        padded = [c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
+        return ("| " + " | ".join(padded) + " |") if markdown else "  ".join(padded)
+
+    rule = ("| " + " | ".join(("-" * w if i < 3 else "-" * (w - 1) + ":") for i, w in enumerate(widths)) + " |"
+            if markdown else "  ".join("-" * w for w in widths))
+    return "\n".join([line(header), rule, *(line(r) for r in rows)])
+
+
+# --------------------------------------------------------------------------------------------------
+# Plots
+# --------------------------------------------------------------------------------------------------
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _labels(runs: Sequence[RunSummary]) -> list[str]:
+    labels = [f"{r.name} ({r.method})" if r.method not in r.name else r.name for r in runs]
+    return labels
+
+
+def plot_loss(runs: Sequence[RunSummary], path: Path) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for run, label in zip(runs, _labels(runs), strict=True):
+        if run.loss_history:
+            steps, values = zip(*run.loss_history, strict=True)
+            ax.plot(steps, values, label=label, linewidth=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title("Training loss")
+    ax.grid(alpha=0.3)
+    if any(r.loss_history for r in runs):
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no loss logged", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_eval(runs: Sequence[RunSummary], path: Path) -> Path:
+    plt = _pyplot()
+    columns: list[str] = []
+    for run in runs:
+        columns += [k for k in run.eval if k not in columns]
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.1 * len(columns) * max(1, len(runs)) / 2 + 3), 4.5))
+    if columns:
+        width = 0.8 / max(1, len(runs))
+        for i, (run, label) in enumerate(zip(runs, _labels(runs), strict=True)):
+            xs = [j + (i - (len(runs) - 1) / 2) * width for j in range(len(columns))]
+            values = [run.eval.get(c, float("nan")) for c in columns]
+            bars = ax.bar(xs, values, width=width, label=label)
+            ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=1)
+        finite = [v for run in runs for v in run.eval.values() if math.isfinite(v)]
+        ax.set_ylim(0, max(1.0, max(finite, default=0.0)) * 1.15)
+        ax.set_xticks(range(len(columns)))
+        ax.set_xticklabels([metric_label(c) for c in columns], rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("score")
+        ax.legend(fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    else:
+        ax.text(0.5, 0.5, "no eval/ metrics logged by these runs", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xticks([])
+    ax.set_title("Evaluation (final values)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_throughput(runs: Sequence[RunSummary], path: Path) -> Path:
+    plt = _pyplot()
+    labels = _labels(runs)
+    use_mfu = any(r.mfu is not None for r in runs)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
+    left.bar(range(len(runs)), [r.samples_per_s or 0.0 for r in runs], color="tab:blue")
+    left.set_ylabel("samples/s (mean)")
+    left.set_title("Throughput")
+    if use_mfu:
+        right.bar(range(len(runs)), [100 * (r.mfu or 0.0) for r in runs], color="tab:green")
+        right.set_ylabel("MFU (%)")
+        right.set_title("Model FLOPs utilization")
+    else:
+        right.bar(range(len(runs)), [r.tokens_per_s or 0.0 for r in runs], color="tab:orange")
+        right.set_ylabel("tokens/s (mean)")
+        right.set_title("Tokens per second (no MFU logged)")
+    for ax in (left, right):
+        ax.set_xticks(range(len(runs)))
+        ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(runs: Sequence[RunSummary], out: str | Path) -> dict[str, Path]:
+    """``comparison.md``, ``comparison.csv``, ``loss.png``, ``eval.png``, ``throughput.png`` under ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    header, rows = table_rows(runs)
+    (out / "comparison.md").write_text(format_table(header, rows, markdown=True) + "\n", encoding="utf-8")
+    with open(out / "comparison.csv", "w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["run_id", *header])
+        writer.writerows([run.run_id, *row] for run, row in zip(runs, rows, strict=True))
+    return {
+        "table": out / "comparison.md",
+        "csv": out / "comparison.csv",
+        "loss": plot_loss(runs, out / "loss.png"),
+        "eval": plot_eval(runs, out / "eval.png"),
+        "throughput": plot_throughput(runs, out / "throughput.png"),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+
+def compare(
+    tracking_uri: str | None = None, experiment: str | None = None, run_ids: Sequence[str] = (),
+    metrics: Sequence[str] = (), out: str | Path = "runs/compare", max_runs: int = 50,
+) -> tuple[str, dict[str, Path]]:
+    """Read the runs, write the files; returns the printed table and the files written."""
+    uri = resolve_tracking_uri(tracking_uri)
+    runs = load_runs(uri, experiment, run_ids, metrics or DEFAULT_METRICS, max_runs)
+    header, rows = table_rows(runs)
+    return format_table(header, rows), write_outputs(runs, out)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "compare", help="compare runs from MLflow: a table and PNG plots",
+        description="Read runs from MLflow; print a comparison table and write it with PNG plots to --out.",
+    )
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow URI, a mlflow.db file or a directory holding one (default: $MLFLOW_TRACKING_URI, "
+                             "else ./mlflow.db)")
+    parser.add_argument("--experiment", default=None, help="experiment name (default: all experiments)")
+    parser.add_argument("--runs", nargs="+", default=[], metavar="ID", help="run ids (default: search the experiment)")
+    parser.add_argument("--metric", nargs="+", default=[], metavar="GLOB",
+                        help="eval metrics to show; * matches within a /-segment, ** across "
+                             f"(default: {' '.join(DEFAULT_METRICS)})")
+    parser.add_argument("--out", default="runs/compare", help="directory for the table and plots (default: %(default)s)")
+    parser.add_argument("--max-runs", type=int, default=50, help="newest runs read from an experiment (default: %(default)s)")
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        table, files = compare(args.tracking_uri, args.experiment, args.runs, args.metric, args.out, args.max_runs)
+    except CompareError as err:
+        print(f"compare: {err}", file=sys.stderr)
+        return 1
+    print(table)
+    print()
+    print(f"table: {files['table']} and {files['csv']}")
+    print(f"plots: {files['loss']}, {files['eval']}, {files['throughput']}")
+    return 0
