@@ -53,7 +53,7 @@ from data_prep.p3_layout import (
     read_json,
     read_rows,
 )
-from data_prep.runner import PrepError, UnitResult, run_prep, summarize
+from data_prep.runner import PrepError, UnitResult, run_prep_for, summarize
 from hypertrain.config import ConfigError, P3PrepConfig, from_dict
 from hypertrain.episode import Episode
 
@@ -577,21 +577,11 @@ def plan(cfg: P3PrepConfig) -> tuple[list[Unit], dict[str, list[str]], dict[str,
 def prepare(cfg: P3PrepConfig) -> dict[str, Any]:
     """Run the P3 prep (or one job-array piece of it); returns the manifest written."""
     units, dropped, filters = plan(cfg)
-    options = dataclasses.asdict(cfg)
-    for key in ("workers", "src", "out"):  # where and how the work ran does not change the output
-        options.pop(key)
-    return run_prep(
+    return run_prep_for(
+        cfg,
         source=SOURCE,
-        split=cfg.split,
-        out_dir=cfg.out,
         units=units,
         fn=functools.partial(subset_episodes, cfg=cfg),
-        options=options,
-        workers=cfg.workers,
-        num_jobs=cfg.num_jobs,
-        job_index=cfg.job_index,
-        shard_max_samples=cfg.shard_max_samples,
-        shard_max_bytes=cfg.shard_max_bytes,
         dropped_tasks=dropped,
         filters=filters,
     )

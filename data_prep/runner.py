@@ -138,6 +138,37 @@ def run_prep(
     return manifest
 
 
+def run_prep_for(
+    cfg: Any,
+    *,
+    source: str,
+    units: Sequence[U],
+    fn: Callable[[U], UnitResult],
+    dropped_tasks: Mapping[str, list[str]] | None = None,
+    filters: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """:func:`run_prep` with the options every prep config shares (``split``, ``out``, ``workers``, job-array
+    piece, shard limits); the manifest records the options, less where and how the work ran."""
+    options = dataclasses.asdict(cfg)
+    for key in ("workers", "src", "out"):  # where and how the work ran does not change the output
+        options.pop(key)
+    return run_prep(
+        source=source,
+        split=cfg.split,
+        out_dir=cfg.out,
+        units=units,
+        fn=fn,
+        options=options,
+        workers=cfg.workers,
+        num_jobs=cfg.num_jobs,
+        job_index=cfg.job_index,
+        shard_max_samples=cfg.shard_max_samples,
+        shard_max_bytes=cfg.shard_max_bytes,
+        dropped_tasks=dropped_tasks,
+        filters=filters,
+    )
+
+
 def summarize(manifest: Mapping[str, Any], out_dir: str | Path) -> str:
     """A short human report of what a prep job wrote, dropped and skipped."""
     lines = [

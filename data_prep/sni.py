@@ -17,7 +17,6 @@ the manifest's ``skipped``. Tasks removed by the split/language filter are liste
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import random
@@ -28,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from data_prep.runner import PrepError, UnitResult, run_prep, summarize
+from data_prep.runner import PrepError, UnitResult, run_prep_for, summarize
 from hypertrain.config import ConfigError, SNIPrepConfig, from_dict
 from hypertrain.episode import Episode
 
@@ -265,23 +264,8 @@ def prepare(cfg: SNIPrepConfig) -> dict[str, Any]:
     if cfg.split not in SPLIT_FILES:
         raise PrepError(f"--split must be one of {sorted(SPLIT_FILES)}, got {cfg.split!r}")
     tasks, dropped = select_tasks(cfg)
-    options = dataclasses.asdict(cfg)
-    options.pop("workers")  # how the work was spread does not change the output
-    options.pop("src")
-    options.pop("out")
-    return run_prep(
-        source=SOURCE,
-        split=cfg.split,
-        out_dir=cfg.out,
-        units=tasks,
-        fn=functools.partial(task_episodes, cfg=cfg),
-        options=options,
-        workers=cfg.workers,
-        num_jobs=cfg.num_jobs,
-        job_index=cfg.job_index,
-        shard_max_samples=cfg.shard_max_samples,
-        shard_max_bytes=cfg.shard_max_bytes,
-        dropped_tasks=dropped,
+    return run_prep_for(
+        cfg, source=SOURCE, units=tasks, fn=functools.partial(task_episodes, cfg=cfg), dropped_tasks=dropped
     )
 
 

@@ -40,6 +40,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hypertrain.config import flatten
+
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
@@ -101,14 +103,9 @@ def _param_value(value: Any) -> str:
 
 def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """Nested mapping → ``{"a.b": "value"}`` with MLflow-safe keys and values cut to MLflow's limit."""
-    flat: dict[str, str] = {}
-    for key, value in params.items():
-        full = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten_params(value, full))
-        else:
-            flat[_clean_key(full)] = _truncate(_param_value(value), MAX_PARAM_VALUE)
-    return flat
+    return {
+        _clean_key(key): _truncate(_param_value(value), MAX_PARAM_VALUE) for key, value in flatten(params, prefix).items()
+    }
 
 
 def _error_code(err: BaseException) -> str | None:
