@@ -192,6 +192,12 @@ class Trainer:
                     f"{resume_from}: the checkpoint was trained on {len(saved['tasks'])} tasks, data.train now "
                     f"lists {len(tasks)}; a resumed run must read the same data (task ids index the task list)"
                 )
+            if saved["world_size"] != self.world_size:
+                raise ConfigError(
+                    f"{resume_from} was written by {saved['world_size']} ranks, this job has {self.world_size}: the "
+                    "data position and the 8-bit optimizer state are per rank; resume on the same number of GPUs "
+                    "or start a new run.dir"
+                )
         engine, schedule, tokenizer = self._build(tasks)
         ds_cfg = self.ds_config
         method = engine.module
@@ -202,7 +208,8 @@ class Trainer:
             step, batches_done, run_id = state["step"], state["batches_consumed"], state.get("mlflow_run_id")
             nonfinite_total = state.get("nonfinite_steps", 0)
             if hasattr(method, "load_checkpoint_tensors"):
-                method.load_checkpoint_tensors({k[7:]: v for k, v in tensors.items() if k.startswith("method.")})
+                prefix = "method."
+                method.load_checkpoint_tensors({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
             if self.rank == 0:
                 log.info("resumed from %s at step %d (%d batches consumed per rank)", resume_from, step, batches_done)
 
