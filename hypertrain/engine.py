@@ -393,15 +393,3 @@ def _grad_norm(engine) -> float:
         return float("nan")
     value = float(norm)
     return value if math.isfinite(value) else float("nan")
-
-
-def d_model_of(name: str) -> int:
-    """d_model for the DeepSpeed bucket sizes: from the registry, or a local checkpoint's config.json."""
-    from hypertrain.models import registry
-
-    if registry.canonical_name(name) is not None:
-        return registry.get_shape(name).d_model
-    config_file = Path(name) / "config.json"
-    if config_file.is_file():
-        return int(json.loads(config_file.read_text())["d_model"])
-    return 2048

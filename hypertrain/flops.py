@@ -22,6 +22,7 @@ The trainer uses :func:`flops_per_sample` and :func:`peak_flops`; MFU is then
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Any
 
@@ -139,17 +140,22 @@ class T5Dims:
         )
 
 
+@functools.lru_cache(maxsize=16)
 def dims_for(model_name: str) -> T5Dims:
-    """Shapes of a registered T5 name (``xl``, ``google/t5-xl-lm-adapt``) or a local checkpoint's ``config.json``."""
+    """Shapes of ``model.name``: a registered T5 (``xl``, ``google/t5-xl-lm-adapt``; no download), else the
+    ``config.json`` of a local checkpoint or another hub model (as loading its weights would need anyway)."""
     from hypertrain.models import registry
 
     if registry.canonical_name(model_name) is not None:
         return T5Dims.from_hf_config(registry.t5_config(model_name))
-    if registry.is_local_checkpoint(model_name):
-        from transformers import AutoConfig
+    from transformers import AutoConfig
 
+    try:
         return T5Dims.from_hf_config(AutoConfig.from_pretrained(model_name))
-    raise ConfigError(f"model.name: {model_name!r} is neither a registered T5 shape nor a local checkpoint")
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"model.name: {model_name!r} is not a registered T5 shape and its config.json cannot be read ({err})"
+        ) from err
 
 
 # --------------------------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ def resolve_before_launch(cfg: Config, ds_config_path: str) -> dict:
     import torch
 
     from hypertrain.ds_config import load_ds_config, resolve_ds_config
-    from hypertrain.engine import d_model_of
+    from hypertrain.flops import dims_for
 
     return resolve_ds_config(
         load_ds_config(ds_config_path),
@@ -70,7 +70,7 @@ def resolve_before_launch(cfg: Config, ds_config_path: str) -> dict:
         world_size=int(os.environ.get("WORLD_SIZE", "1")),
         gradient_clipping=cfg.train.grad_clip,
         bf16=torch.cuda.is_available() and cfg.model.dtype != "float32",
-        d_model=d_model_of(cfg.model.name),
+        d_model=dims_for(cfg.model.name).d_model,
         source=ds_config_path,
     )
 

@@ -125,3 +125,14 @@ def test_peak_flops_override():
     assert F.peak_flops(None, 1e12) == 1e12
     with pytest.raises(ValueError):
         F.peak_flops("NVIDIA A100-SXM4-80GB", 0.0)
+
+
+def test_dims_for_registry_names_local_checkpoints_and_clear_errors(tmp_path):
+    from hypertrain.config import ConfigError
+    from hypertrain.models.registry import t5_config
+
+    assert F.dims_for("google/t5-xl-lm-adapt") == XL
+    t5_config("tiny").save_pretrained(tmp_path)  # a local checkpoint's config.json
+    assert F.dims_for(str(tmp_path)).d_model == 64
+    with pytest.raises(ConfigError, match="model.name: .* cannot be read"):
+        F.dims_for(str(tmp_path / "absent"))
