@@ -27,6 +27,14 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown or of the wrong type; the message names the key."""
 
 
+def _at_least(section: Any, prefix: str, names: tuple[str, ...], minimum: int, note: str = "") -> None:
+    """Raise a ConfigError naming ``prefix.name`` for the first of ``names`` below ``minimum``."""
+    for name in names:
+        value = getattr(section, name)
+        if value < minimum:
+            raise ConfigError(f"{prefix}.{name}: must be >= {minimum}{' ' + note if note else ''}, got {value}")
+
+
 # --------------------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------------------
@@ -59,11 +67,8 @@ class SNIPrepConfig:
     """Task names listed in the split files but absent from ``tasks/`` are dropped and counted."""
 
     def __post_init__(self) -> None:
-        for name in ("num_pos_examples", "shard_max_samples", "shard_max_bytes", "workers", "num_jobs"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"sni_prep.{name}: must be >= 1, got {getattr(self, name)}")
-        if self.max_instances_per_task < 0:
-            raise ConfigError(f"sni_prep.max_instances_per_task: must be >= 0 (0 keeps all), got {self.max_instances_per_task}")
+        _at_least(self, "sni_prep", ("num_pos_examples", "shard_max_samples", "shard_max_bytes", "workers", "num_jobs"), 1)
+        _at_least(self, "sni_prep", ("max_instances_per_task",), 0, note="(0 keeps all)")
         if not 0 <= self.job_index < self.num_jobs:
             raise ConfigError(f"sni_prep.job_index: must be in [0, num_jobs={self.num_jobs}), got {self.job_index}")
 
@@ -102,12 +107,8 @@ class P3PrepConfig:
     """Skip and count bad subsets/examples instead of stopping with an error."""
 
     def __post_init__(self) -> None:
-        for name in ("shots", "shard_max_samples", "shard_max_bytes", "workers", "num_jobs"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"p3_prep.{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("max_avg_input_tokens", "mixing_cap"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"p3_prep.{name}: must be >= 0 (0 turns it off), got {getattr(self, name)}")
+        _at_least(self, "p3_prep", ("shots", "shard_max_samples", "shard_max_bytes", "workers", "num_jobs"), 1)
+        _at_least(self, "p3_prep", ("max_avg_input_tokens", "mixing_cap"), 0, note="(0 turns it off)")
         if not 0 <= self.job_index < self.num_jobs:
             raise ConfigError(f"p3_prep.job_index: must be in [0, num_jobs={self.num_jobs}), got {self.job_index}")
         if self.eval_split == self.demo_split:
@@ -148,9 +149,7 @@ class HartConfig:
     """One LayerNorm per head group instead of one per layer (the appendix shares only the first Linear)."""
 
     def __post_init__(self) -> None:
-        for name in ("prefix_length", "hyper_decoder_layers"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"hart.{name}: must be >= 1, got {getattr(self, name)}")
+        _at_least(self, "hart", ("prefix_length", "hyper_decoder_layers"), 1)
         if self.alpha is not None and self.alpha < 0:
             raise ConfigError(f"hart.alpha: must be >= 0, got {self.alpha}")
 
@@ -174,11 +173,8 @@ class DataConfig:
     """Pad every batch to the maximum lengths (static shapes) instead of the longest sequence in the batch."""
 
     def __post_init__(self) -> None:
-        for name in ("max_input_tokens", "max_target_tokens", "max_hyper_input_tokens", "shuffle_buffer"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"data.{name}: must be >= 1, got {getattr(self, name)}")
-        if self.num_workers < 0:
-            raise ConfigError(f"data.num_workers: must be >= 0, got {self.num_workers}")
+        _at_least(self, "data", ("max_input_tokens", "max_target_tokens", "max_hyper_input_tokens", "shuffle_buffer"), 1)
+        _at_least(self, "data", ("num_workers",), 0)
         if self.weights and len(self.weights) != len(self.train):
             raise ConfigError(f"data.weights: {len(self.weights)} weights for {len(self.train)} data.train entries")
         if any(w <= 0 for w in self.weights):
@@ -210,9 +206,7 @@ class TrainConfig:
     """A NaN/inf loss skips its step (counted); this many in a row stops the run with a checkpoint."""
 
     def __post_init__(self) -> None:
-        for name in ("total_steps", "global_batch_size", "micro_batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
+        _at_least(self, "train", ("total_steps", "global_batch_size", "micro_batch_size"), 1)
         if self.lr <= 0:
             raise ConfigError(f"train.lr: must be > 0, got {self.lr}")
         if not 0 <= self.warmup_steps <= self.total_steps:
@@ -272,9 +266,7 @@ class PhaConfig:
 
     def __post_init__(self) -> None:
         positive = ("adapter_bottleneck", "retriever_hidden", "retrieval_dim", "mixed_dim", "project_hidden")
-        for name in (*positive, "top_k"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"pha.{name}: must be >= 1, got {getattr(self, name)}")
+        _at_least(self, "pha", (*positive, "top_k"), 1)
         for name in ("temperature", "top_k_temperature"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"pha.{name}: must be > 0, got {getattr(self, name)}")
@@ -304,9 +296,7 @@ class RunConfig:
     """Seconds the end of a run waits for unsent MLflow rows (a down server never blocks training itself)."""
 
     def __post_init__(self) -> None:
-        for name in ("checkpoint_every", "keep_last", "log_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"run.{name}: must be >= 1, got {getattr(self, name)}")
+        _at_least(self, "run", ("checkpoint_every", "keep_last", "log_every"), 1)
 
 
 @dataclasses.dataclass
@@ -329,12 +319,8 @@ class EvalConfig:
     """PHA: a new task's prototype is retrieved from its first N instances; 0: all of them."""
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "max_new_tokens", "num_beams"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"eval.{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("every", "max_examples_per_task", "retrieval_instances"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"eval.{name}: must be >= 0, got {getattr(self, name)}")
+        _at_least(self, "eval", ("batch_size", "max_new_tokens", "num_beams"), 1)
+        _at_least(self, "eval", ("every", "max_examples_per_task", "retrieval_instances"), 0)
 
 
 @dataclasses.dataclass
