@@ -53,7 +53,7 @@ from data_prep.p3_layout import (
     read_json,
     read_rows,
 )
-from data_prep.runner import PrepError, UnitResult, run_prep_for, summarize
+from data_prep.runner import PrepError, UnitResult, add_run_options, run_prep_for, summarize
 from hypertrain.config import ConfigError, P3PrepConfig, from_dict
 from hypertrain.episode import Episode
 
@@ -631,17 +631,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave P3's T5 token ids out of the episodes",
     )
     add("--seed", type=int, default=defaults.seed, help="seed of row caps and demonstration draws")
-    add("--shard-max-samples", type=int, default=defaults.shard_max_samples)
-    add("--shard-max-bytes", type=int, default=defaults.shard_max_bytes)
-    add("--workers", type=int, default=defaults.workers, help="processes preparing subsets")
-    add(
-        "--num-jobs",
-        type=int,
-        default=defaults.num_jobs,
-        help="pieces of a job array (then run data_prep.merge)",
-    )
-    add("--job-index", type=int, default=defaults.job_index, help="this piece (e.g. $SLURM_ARRAY_TASK_ID)")
-    add("--skip-bad", action="store_true", help="skip and count bad subsets/examples instead of stopping")
+    add_run_options(parser, defaults, unit="subset")
     return parser
 
 

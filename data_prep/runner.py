@@ -10,6 +10,7 @@ source: it takes this piece's contiguous block of units, maps them over ``worker
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import multiprocessing
 import sys
@@ -167,6 +168,17 @@ def run_prep_for(
         dropped_tasks=dropped_tasks,
         filters=filters,
     )
+
+
+def add_run_options(parser: argparse.ArgumentParser, defaults: Any, unit: str) -> None:
+    """The command-line options every prep job shares: shard limits, parallel workers, job-array piece, --skip-bad."""
+    add = parser.add_argument
+    add("--shard-max-samples", type=int, default=defaults.shard_max_samples, help="episodes per shard (default: %(default)s)")
+    add("--shard-max-bytes", type=int, default=defaults.shard_max_bytes, help="bytes per shard (default: %(default)s)")
+    add("--workers", type=int, default=defaults.workers, help=f"processes preparing {unit}s")
+    add("--num-jobs", type=int, default=defaults.num_jobs, help="pieces of a job array (then run data_prep.merge)")
+    add("--job-index", type=int, default=defaults.job_index, help="this piece (e.g. $SLURM_ARRAY_TASK_ID)")
+    add("--skip-bad", action="store_true", help=f"skip and count bad {unit}s/records instead of stopping")
 
 
 def summarize(manifest: Mapping[str, Any], out_dir: str | Path) -> str:

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from data_prep.runner import PrepError, UnitResult, run_prep_for, summarize
+from data_prep.runner import PrepError, UnitResult, add_run_options, run_prep_for, summarize
 from hypertrain.config import ConfigError, SNIPrepConfig, from_dict
 from hypertrain.episode import Episode
 
@@ -282,12 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--num-pos-examples", type=int, default=defaults.num_pos_examples,
         help="positive examples in the hypernetwork input (default: %(default)s)")
     add("--seed", type=int, default=defaults.seed, help="seed of the train split's instance sample")
-    add("--shard-max-samples", type=int, default=defaults.shard_max_samples)
-    add("--shard-max-bytes", type=int, default=defaults.shard_max_bytes)
-    add("--workers", type=int, default=defaults.workers, help="processes reading task files")
-    add("--num-jobs", type=int, default=defaults.num_jobs, help="pieces of a job array (then run data_prep.merge)")
-    add("--job-index", type=int, default=defaults.job_index, help="this piece (e.g. $SLURM_ARRAY_TASK_ID)")
-    add("--skip-bad", action="store_true", help="skip and count bad tasks/instances instead of stopping")
+    add_run_options(parser, defaults, unit="task")
     add("--strict-task-list", dest="allow_missing_tasks", action="store_false",
         help="fail if a task of the split file has no task file (default: drop and count it)")
     return parser
