@@ -12,7 +12,7 @@
 # the pieces' manifests and verifies the shards.
 #
 #   sbatch slurm/prep_p3.sh                                   # 16 pieces
-#   P3_SRC=/data/P3 SPLITS=train sbatch --array=0-63 slurm/prep_p3.sh
+#   P3_SRC=P3 SPLITS=train sbatch --array=0-63 slurm/prep_p3.sh
 #
 # Environment (defaults in brackets; relative paths are relative to the repository root):
 #   P3_SRC         copy of P3 (data/<subset>/... or the parquet export) [data/P3]

@@ -12,7 +12,7 @@
 # which merges the pieces' manifests and verifies the shards.
 #
 #   sbatch slurm/prep_sni.sh                                  # 8 pieces
-#   SNI_SRC=/data/natural-instructions sbatch --array=0-31 slurm/prep_sni.sh
+#   SNI_SRC=natural-instructions sbatch --array=0-31 slurm/prep_sni.sh
 #
 # Environment (defaults in brackets; relative paths are relative to the repository root):
 #   SNI_SRC        checkout of the S-NI repository (tasks/, splits/) [data/natural-instructions]
