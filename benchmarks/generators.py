@@ -1,11 +1,14 @@
 """CPU benchmark: one training step (forward + backward) of HART vs HyperTuning vs PHA vs the frozen main model alone.
 
-    python benchmarks/generators.py [--layers 8] [--d-model 128] [--batch 4] [--repeats 5] [--threads 1] [--json]
+    python benchmarks/generators.py [--layers 8] [--d-model 128] [--batch 4] [--repeats 5] [--threads 1] \\
+        [--compile-decode default] [--json]
 
 All variants are timed in one run, round-robin (so machine load hits them alike), and reported as medians and
 ratios. "Main alone" is the frozen main model's forward + backward with fixed prefixes of the same size as
 leaf tensors (the part of a HART step spent in the main model). "HART decoding" is the forward + backward of
-the L sequential hypernetwork decoding steps alone (encoder output fixed), reported as a share of the HART step.
+the L sequential hypernetwork decoding steps alone (encoder output fixed), reported as a share of the HART step;
+it runs the fused decode (``hart.decode: fused``, what HART uses), "HART decoding (HF)" the HF reference path,
+and with ``--compile-decode MODE`` "HART decoding (compiled)" the fused decode compiled (compile time reported).
 "PHA" is a full PHA step (L_PLM + λ(L_IR + L_Pro), paper dims d'=128, d_h=32, b=``--pha-bottleneck``, two tasks
 in the batch); "main + adapters" is the frozen main model's forward + backward with fixed PHA adapters (encoder
 and per-example decoder adapters, as leaf tensors): the part of a PHA step spent in the main model.
@@ -102,18 +105,35 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         peft = PeftParams(encoder_adapters=enc, decoder_adapters=dec)
         main(batch["input_ids"], batch["attention_mask"], labels=batch["labels"], peft=peft).loss.backward()
 
-    def hart_decoding() -> None:
-        states = hart.autoregressive_states(demos, batch["hyper_attention_mask"])
-        states.backward(torch.ones_like(states))
+    compiled_step = None
+    if args.compile_decode != "none":
+        hart.set_decode("fused", args.compile_decode)
+        compiled_step = hart._decode_step
+
+    def decoding(path: str) -> Callable[[], None]:
+        def run_decode() -> None:
+            hart.set_decode("fused" if path == "compiled" else path)
+            if path == "compiled":
+                hart._decode_step = compiled_step  # the same compiled function every time: compiled once
+            states = hart.autoregressive_states(demos, batch["hyper_attention_mask"])
+            states.backward(torch.ones_like(states))
+            hart.set_decode("fused")
+
+        return run_decode
 
     variants: dict[str, Callable[[], None]] = {
         "main_alone": main_alone,
         "hart": lambda: hart(batch).loss.backward(),
         "hypertuning": lambda: hypertuning(batch).loss.backward(),
-        "hart_decoding": hart_decoding,
+        "hart_decoding": decoding("fused"),
+        "hart_decoding_hf": decoding("hf"),
         "pha": lambda: pha(batch).loss.backward(),
         "main_adapters": main_adapters,
     }
+    compile_s = 0.0
+    if compiled_step is not None:
+        variants["hart_decoding_compiled"] = decoding("compiled")
+        compile_s = _timed(variants["hart_decoding_compiled"])  # the first call compiles
     times: dict[str, list[float]] = {name: [] for name in variants}
     for i in range(args.warmup + args.repeats):
         for name, fn in variants.items():
@@ -124,13 +144,21 @@ def run(args: argparse.Namespace) -> dict[str, float]:
             if i >= args.warmup:
                 times[name].append(elapsed)
     med = {name: statistics.median(ts) for name, ts in times.items()}
+    compiled = {}
+    if compiled_step is not None:
+        compiled = {
+            "decode_compile_s": compile_s,
+            "compiled_over_hf_decoding": med["hart_decoding_compiled"] / med["hart_decoding_hf"],
+        }
     return {
         **{f"{name}_s": t for name, t in med.items()},
+        **compiled,
         "hart_over_main": med["hart"] / med["main_alone"],
         "hypertuning_over_main": med["hypertuning"] / med["main_alone"],
         "hart_over_hypertuning": med["hart"] / med["hypertuning"],
         "hart_decoding_share": med["hart_decoding"] / med["hart"],
         "decoding_steps": hart.num_steps,
+        "fused_over_hf_decoding": med["hart_decoding"] / med["hart_decoding_hf"],
         "pha_over_main": med["pha"] / med["main_alone"],
         "pha_over_main_adapters": med["pha"] / med["main_adapters"],
         "pha_over_hart": med["pha"] / med["hart"],
@@ -154,6 +182,8 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)"
     )
+    parser.add_argument("--compile-decode", default="none", choices=["none", "default", "max-autotune-no-cudagraphs"],
+                        help="also time the fused decode compiled with this torch.compile mode")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     result = run(args)
@@ -165,7 +195,7 @@ def main() -> None:
         f"hypernetwork decoder {args.hyper_layers} layers, p {args.prefix}, batch {args.batch}, "
         f"input/target/hyper {args.input_len}/{args.target_len}/{args.hyper_len} tokens"
     )
-    for name in ("main_alone", "hypertuning", "hart", "hart_decoding", "main_adapters", "pha"):
+    for name in ("main_alone", "hypertuning", "hart", "hart_decoding", "hart_decoding_hf", "main_adapters", "pha"):
         print(f"  {name:<14} {result[name + '_s'] * 1000:8.1f} ms / step (median of {args.repeats})")
     print(f"  HART / main alone        {result['hart_over_main']:.2f}x")
     print(f"  HyperTuning / main alone {result['hypertuning_over_main']:.2f}x")
@@ -173,6 +203,10 @@ def main() -> None:
     print(
         f"  HART step share in the {result['decoding_steps']} sequential decoding steps: {result['hart_decoding_share']:.0%}"
     )
+    print(f"  fused / HF decode        {result['fused_over_hf_decoding']:.2f}x")
+    if "compiled_over_hf_decoding" in result:
+        print(f"  compiled / HF decode     {result['compiled_over_hf_decoding']:.2f}x"
+              f" (compiled in {result['decode_compile_s']:.0f} s)")
     print(f"  PHA / main alone         {result['pha_over_main']:.2f}x")
     print(f"  PHA / main + adapters    {result['pha_over_main_adapters']:.2f}x")
     print(f"  PHA / HART               {result['pha_over_hart']:.2f}x")

@@ -1,7 +1,8 @@
 """Training-step throughput of HART / HyperTuning / PHA with random weights: samples/s, tokens/s, TFLOP/s, MFU.
 
     python benchmarks/throughput.py --model t5-xl --method hart --micro-batch 8 --device cuda \\
-        [--attention sdpa|eager] [--activation-checkpointing none|main|hypernetwork|both] [--fused-gelu]
+        [--attention sdpa|eager] [--activation-checkpointing none|main|hypernetwork|both] [--fused-gelu] \\
+        [--decode fused|hf] [--compile-decode none|default|reduce-overhead]
     python benchmarks/throughput.py --device cpu              # tiny shapes (CI, tests), a few seconds
     python benchmarks/throughput.py --kernels --device cuda   # attention kernels alone: eager, SDPA, FlexAttention
 
@@ -65,21 +66,43 @@ def set_gelu(method: nn.Module, fused: bool) -> None:
 
 
 def compare(args: argparse.Namespace, method: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Step times of attention x GELU variants of the same model, timed round-robin in one process."""
-    variants = [(a, g) for a in ("eager", "sdpa") for g in (False, True)]
+    """Step times of variants of the same model, timed round-robin in one process: attention x GELU, and for
+    HART the decode paths (``hf`` reference, ``fused``, and ``fused`` compiled when ``--compile-decode`` is set)."""
+    variants = [(a, g, args.decode) for a in ("eager", "sdpa") for g in (False, True)]
+    if getattr(method, "generator", None) == "autoregressive":
+        decodes = ["hf", "fused"] + ([f"fused+{args.compile_decode}"] if args.compile_decode != "none" else [])
+        variants += [("sdpa", False, d) for d in decodes if d != args.decode]
+    compiled = {}
     times: dict[str, list[float]] = {}
     for i in range(args.warmup + args.steps):
-        for attention, gelu in variants:
+        for attention, gelu, decode in variants:
             set_attention(method, attention)
             set_gelu(method, gelu)
+            if "+" in decode:  # one compiled function, reused (switching back and forth must not recompile)
+                if decode not in compiled:
+                    method.set_decode("fused", args.compile_decode)
+                    compiled[decode] = method._decode_step
+                method.decode, method._decode_step = "fused", compiled[decode]
+            elif hasattr(method, "set_decode"):
+                method.set_decode(decode)
             method.zero_grad(set_to_none=True)
             elapsed = _timed(lambda: method(batch).loss.backward(), args.device)
             if i >= args.warmup:
-                times.setdefault(f"{attention}{'+fused_gelu' if gelu else ''}", []).append(elapsed)
+                name = f"{attention}{'+fused_gelu' if gelu else ''}"
+                if decode != args.decode:
+                    name += f"+{decode}_decode"
+                times.setdefault(name, []).append(elapsed)
     set_attention(method, args.attention)
     set_gelu(method, args.fused_gelu)
+    set_decode(method, args)
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"step_s": med, "relative_to_sdpa": {k: v / med["sdpa"] for k, v in med.items()}}
+
+
+def set_decode(method: nn.Module, args: argparse.Namespace) -> None:
+    """HART's decode path and compile mode as asked (``--decode``, ``--compile-decode``)."""
+    if hasattr(method, "set_decode"):
+        method.set_decode(args.decode, args.compile_decode if args.decode == "fused" else "none")
 
 
 def build(args: argparse.Namespace) -> tuple[nn.Module, Config, T5Dims]:
@@ -119,6 +142,7 @@ def build(args: argparse.Namespace) -> tuple[nn.Module, Config, T5Dims]:
         cfg.pha.tasks = [f"task_{i}" for i in range(max(2, args.micro_batch))]
         method = build_pha_method(cfg, main, args.device)
     set_gelu(method, args.fused_gelu)
+    set_decode(method, args)
     from hypertrain.engine import enable_activation_checkpointing
 
     enable_activation_checkpointing(method, args.activation_checkpointing)
@@ -272,6 +296,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "attention": args.attention,
         "activation_checkpointing": args.activation_checkpointing,
         "fused_gelu": args.fused_gelu,
+        "decode": args.decode if args.method == "hart" else None,
+        "compile_decode": args.compile_decode if args.method == "hart" else None,
         "micro_batch": b,
         "lengths": {"input": args.input_len, "target": args.target_len, "hyper": args.hyper_len},
         "step_s": step_s,
@@ -440,6 +466,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--activation-checkpointing", choices=["none", "main", "hypernetwork", "both"],
                         default="none")
     parser.add_argument("--fused-gelu", action="store_true", help="one-op tanh-GELU in every T5 FFN")
+    parser.add_argument("--decode", choices=["fused", "hf"], default="fused", help="HART's decode path")
+    parser.add_argument("--compile-decode", default="none",
+                        choices=["none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                        help="torch.compile mode of the fused decode (reduce-overhead: CUDA graphs on GPU)")
     parser.add_argument("--optimizer", choices=["none", "adamw", "adamw8bit"], default="none",
                         help="add an optimizer step (no ZeRO: every parameter on this device)")
     parser.add_argument("--input-len", type=int, default=None)

@@ -147,6 +147,14 @@ class HartConfig:
     """Fusion-in-decoder: the main decoder also attends to the hypernetwork encoder's output."""
     share_head_layernorm: bool = False
     """One LayerNorm per head group instead of one per layer (the appendix shares only the first Linear)."""
+    decode: Literal["fused", "hf"] = "fused"
+    """HART's L-step decode: ``fused`` (fused projections, work shared across steps done once; the same math) or
+    ``hf`` (the HF decoder stack once per step with its KV cache: the reference). ZeRO-3 always uses ``hf``."""
+    compile_decode: Literal["none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = (
+        "none"
+    )
+    """``torch.compile`` mode for the fused decode (``reduce-overhead`` adds CUDA graphs on GPU); pair it with
+    ``data.pad_to_max: true`` so shapes stay fixed and nothing recompiles."""
 
     def __post_init__(self) -> None:
         _at_least(self, "hart", ("prefix_length", "hyper_decoder_layers"), 1)

@@ -103,7 +103,8 @@ def _count_calls(module: torch.nn.Module) -> tuple[list[int], torch.utils.hooks.
 
 
 def test_autoregressive_step_depends_on_the_previous_step():
-    method = _method("hart.generator=autoregressive").eval()
+    # hooks on the HF stack see each step; the fused decode equals this path (tests/test_hart_decode.py)
+    method = _method("hart.generator=autoregressive", "hart.decode=hf").eval()
     batch = _batch()
     with torch.no_grad():
         demos = method.hyper_encoder(

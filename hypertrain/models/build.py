@@ -69,6 +69,8 @@ def hart_options(config: Config) -> dict[str, Any]:
         consistency=hart.consistency,
         fusion=hart.fusion,
         share_head_layernorm=hart.share_head_layernorm,
+        decode=hart.decode,
+        compile_decode=hart.compile_decode,
         seed=config.train.seed,
     )
 

@@ -28,10 +28,14 @@ from transformers import T5ForConditionalGeneration
 from transformers.models.t5.modeling_t5 import T5Stack
 
 from hypertrain.models.base import Batch, MethodOutput
+from hypertrain.models.hart_decode import decode_step, fused_autoregressive_states
 from hypertrain.models.t5_main import FrozenT5, PeftParams, base_attn_implementation
 
 Generator = Literal["autoregressive", "parallel"]
 ConsistencyMode = Literal["batch_mean", "per_example", "per_task"]
+DecodePath = Literal["fused", "hf"]
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 GROUPS = ("encoder_key", "encoder_value", "decoder_key", "decoder_value")
 
 
@@ -146,7 +150,7 @@ class ConsistencyLoss:
             counts = torch.bincount(inverse, minlength=len(keys)).to(states.dtype)
             current = sums / counts.view(-1, *([1] * (states.dim() - 1)))
         loss = self._compare(current, keys)
-        self.previous = (keys, current.detach())
+        self.previous = (keys, current.detach().clone())  # a copy: a CUDA-graphed decode reuses its output memory
         return loss
 
     def _compare(self, current: Tensor, keys: Tensor | None) -> Tensor:
@@ -198,6 +202,11 @@ def copy_stack(source: T5Stack, num_layers: int | None = None, embeddings: bool 
     return stack.requires_grad_(True)
 
 
+def is_partitioned(module: nn.Module) -> bool:
+    """Whether ZeRO-3 partitions ``module``'s weights (each then lives whole only inside its own forward)."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
 def gathered(module: nn.Module):
     """Context in which ``module``'s weights are whole: under ZeRO-3 (``HfDeepSpeedConfig`` before
     ``from_pretrained``) the main model is partitioned at load, and a copy must gather it first."""
@@ -243,11 +252,14 @@ class HartMethod(nn.Module):
         consistency: ConsistencyMode = "batch_mean",
         fusion: bool = True,
         share_head_layernorm: bool = False,
+        decode: DecodePath = "fused",
+        compile_decode: str = "none",
         seed: int = 0,
     ) -> None:
         super().__init__()
         if generator not in ("autoregressive", "parallel"):
             raise ValueError(f"unknown generator {generator!r}")
+        self.set_decode(decode, compile_decode)
         self.main = main
         self.generator = generator
         self.prefix_length = prefix_length
@@ -298,14 +310,32 @@ class HartMethod(nn.Module):
         return max(self.main.num_encoder_layers, self.main.num_decoder_layers)
 
     # generators ---------------------------------------------------------------------------------
+    def set_decode(self, decode: DecodePath, compile_mode: str = "none") -> None:
+        """Choose HART's decode path (``fused`` or the ``hf`` reference) and the fused path's compile mode."""
+        if decode not in ("fused", "hf"):
+            raise ValueError(f"unknown decode path {decode!r}")
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f"unknown compile mode {compile_mode!r} (known: {', '.join(COMPILE_MODES)})")
+        self.decode, self.compile_decode = decode, compile_mode
+        self._decode_step = decode_step if compile_mode == "none" else torch.compile(decode_step, mode=compile_mode)
+
     def autoregressive_states(
         self, demos: Tensor, demos_mask: Tensor | None, steps: int | None = None
     ) -> Tensor:
-        """h_1..h_L [B, L, 2, d]: step 1 reads z, step l reads h_{l-1}; the KV cache holds earlier steps."""
+        """h_1..h_L [B, L, 2, d]: step 1 reads z, step l reads h_{l-1}; the KV cache holds earlier steps.
+
+        ``decode="fused"`` runs :func:`~hypertrain.models.hart_decode.fused_autoregressive_states` (optionally
+        compiled), except under ZeRO-3, where only the HF stack's own forward gathers its weights.
+        """
         x = self.latent(demos.shape[0])
+        steps = steps or self.num_steps
+        if self.decode == "fused" and not is_partitioned(self.hyper_decoder):
+            if self.compile_decode in CUDA_GRAPH_MODES:
+                torch.compiler.cudagraph_mark_step_begin()  # each forward is a new iteration for the graph
+            return fused_autoregressive_states(self.hyper_decoder, x, demos, demos_mask, steps, self._decode_step)
         cache = None
         states = []
-        for _ in range(steps or self.num_steps):
+        for _ in range(steps):
             out = self.hyper_decoder(
                 inputs_embeds=x,
                 encoder_hidden_states=demos,

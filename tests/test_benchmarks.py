@@ -1,0 +1,49 @@
+"""The benchmarks run at tiny CPU shapes and report what they promise (their numbers are not asserted: timing)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str) -> dict:
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / script), *args],
+        cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+def test_throughput_hart_reports_split_memory_and_decode_variants():
+    r = _run("throughput.py", "--device", "cpu", "--threads", "1", "--warmup", "1", "--steps", "1", "--compare")
+    assert r["method"] == "hart" and r["decode"] == "fused" and r["device"] == "cpu"
+    assert r["mfu"] is None  # no peak is known for a CPU
+    assert r["step_s"] > 0 and r["samples_per_s"] == pytest.approx(4 / r["step_s"])
+    assert set(r["split_s"]) == {"main", "hypernetwork_encoder", "generator"}
+    assert r["model_flops_per_sample"] > 0 and r["tflops_per_s"] > 0
+    assert r["peak_memory_gib"] > 0 and r["predicted_peak_activations_gib"] > 0
+    assert {"eager", "sdpa", "sdpa+fused_gelu", "sdpa+hf_decode"} <= set(r["variants"]["step_s"])
+    assert r["variants"]["relative_to_sdpa"]["sdpa"] == 1.0
+
+
+def test_throughput_pha_has_no_decode():
+    r = _run("throughput.py", "--device", "cpu", "--threads", "1", "--warmup", "1", "--steps", "1",
+             "--method", "pha")
+    assert r["method"] == "pha" and r["decode"] is None and r["split_s"] == {}
+
+
+def test_generators_benchmark_times_every_decode_path():
+    r = _run("generators.py", "--layers", "2", "--hyper-layers", "1", "--d-model", "64", "--batch", "2",
+             "--warmup", "1", "--repeats", "1", "--compile-decode", "default", "--json")
+    assert r["decoding_steps"] == 2
+    assert r["hart_decoding_s"] > 0 and r["hart_decoding_hf_s"] > 0 and r["hart_decoding_compiled_s"] > 0
+    assert r["fused_over_hf_decoding"] == pytest.approx(r["hart_decoding_s"] / r["hart_decoding_hf_s"])
+    assert r["compiled_over_hf_decoding"] == pytest.approx(r["hart_decoding_compiled_s"] / r["hart_decoding_hf_s"])
+    assert r["decode_compile_s"] > r["hart_decoding_compiled_s"]  # the first call compiled, later ones did not
