@@ -373,10 +373,12 @@ def _hart(cfg: Config, dims: T5Dims, lengths: Lengths, generator: str) -> dict[s
     )
     common = dict(input_grad=True, memory_grad=True, trainable=True, layers=hart.hyper_decoder_layers)
     if generator == "autoregressive":
-        # L steps of 2 rows; step l attends to the 2l rows so far (KV cache); cross K/V computed at step 1
+        # L steps of 2 rows; cross K/V computed once. Step l attends to the 2l rows so far (``hf``: a growing
+        # KV cache) or to the whole 2L-row cache with the rows not yet written masked (``fused``: fixed shapes)
         decode = Flops()
         for step in range(layers):
-            f, _ = decoder_stack(dims, 2, lengths.hyper, cached=2 * step, cross_kv=step == 0, **common)
+            cached = 2 * (layers - 1) if hart.decode == "fused" else 2 * step
+            f, _ = decoder_stack(dims, 2, lengths.hyper, cached=cached, cross_kv=step == 0, **common)
             decode += f
         parts["hypernetwork decoder"] = decode
         # heads: shared Linear d → p·d on one row per layer, then a per-layer Linear d → inner on p rows

@@ -297,6 +297,50 @@ def decoder_layer_bytes(
     return out + ffn, grad
 
 
+def fused_decode_bytes(
+    st: ActivationSettings, dims: T5Dims, batch: int, memory: float, *, steps: int, layers: int
+) -> float:
+    """Activation bytes of HART's fused decode (``hart_decode.py``), trainable, over ``memory`` encoder states.
+
+    Once per forward: the concatenated q/k/v, cross k/v and FFN input weights (new tensors the linears keep),
+    the cross-attention keys/values of every layer, the 2L-row zero caches each layer starts from, the position
+    buckets and the causal mask of the bias table. Per step: the input's dropout, the shared self-attention mask
+    rows (fused kernels keep them), the final LayerNorm. Per block and step: three LayerNorms, the fused q/k/v
+    output (q is a view of it), self-attention over the whole 2L-row cache (the out-of-place update makes a new
+    [B, h, 2L, d_kv] pair each step), cross-attention over the shared keys/values, the FFN with its one-op GELU.
+
+    ``materialized`` is SDPA's math path (the CPU's, with dropout on): it computes in float32 (copies of q, K
+    and, from a reduced dtype, V per call) and keeps the probabilities, the dropout mask and the dropped ones.
+    """
+    s, d, inner, h = st.dtype_bytes, dims.d_model, dims.inner, dims.num_heads
+    n, rows = 2 * steps, 2 * batch
+    math = st.attention == "materialized"
+    a = 4 if math else s  # element size inside the attention
+    ffn_inputs = 2 if dims.gated else 1
+    out = layers * (5 * inner * d + ffn_inputs * dims.d_ff * d) * s  # fused weights
+    if not math or s == 4:  # the cross keys/values (the math path copies a reduced-precision V per call)
+        out += layers * 2 * batch * memory * inner * s
+    out += layers * 2 * batch * n * inner * s  # the zero caches (leaves of the graph)
+    out += n * n * (8 + 1)  # position buckets (int64), causal mask (bool)
+    out += 0.0 if math else batch * memory * s  # the cross-attention padding mask, additive
+    per_step = st.mask * rows * d + 8 * 2 * 2  # input dropout, the positions (index_select, index_copy)
+    per_step += _stack_end(st, rows, d, grad=True, trainable=True)
+    per_step += 0.0 if math else h * 2 * n * s  # this step's mask rows, shared by the blocks
+    ffn, _ = _feed_forward(dataclasses.replace(st, fused_gelu=True), dims, rows, x_grad=True, trainable=True)
+    block = 3 * _layer_norm(st, rows, d, x_grad=True, trainable=True) + ffn
+    block += 2 * (rows * inner * s + st.mask * rows * d)  # o's input and the dropout after it, twice
+    block += 3 * rows * inner * s  # the fused q/k/v output
+    block += 2 * batch * n * inner * a  # self-attention K and V (math path: float32 copies)
+    if math:
+        for keys in (n, memory):
+            block += rows * inner * a + batch * h * 2 * keys * (3 * a)  # q, probabilities, dropout mask, dropped
+        block += batch * memory * inner * a * (1 if s == 4 else 2)  # cross K (and V) copies
+    else:
+        block += rows * inner * s  # the cross-attention's q
+        block += 2 * (rows * inner * s + 4 * batch * h * 2)  # outputs and log-sum-exps
+    return out + steps * (per_step + layers * block)
+
+
 def _stack_end(st: ActivationSettings, rows: float, d: int, *, grad: bool, trainable: bool) -> float:
     """Final LayerNorm (its output feeds no linear of the stack) and dropout of a stack."""
     out = rows * d * (st.dtype_bytes + st.fp32_copy) + rows * 4 + st.mask * rows * d if grad else 0.0
@@ -384,16 +428,21 @@ def activation_stacks(
         L = max(dims.encoder_layers, dims.decoder_layers)
         dec = s * h_rows * d  # the encoder output, kept by the (trainable) cross-attention k/v projections
         if generator == "autoregressive":
-            for step in range(L):
-                for _ in range(hart.hyper_decoder_layers):
-                    b, _ = decoder_layer_bytes(
-                        settings, dims, batch, 2, lengths.hyper, cached=2 * step, cross_kv_saved=step == 0,
-                        x_grad=True, memory_grad=True, trainable=True,
-                    )
-                    dec += b
-                # each step: dropout on its input rows, the final LayerNorm, the position buckets
-                dec += settings.mask * batch * 2 * d + 8 * 2 * 2 * (step + 1)
-                dec += _stack_end(settings, batch * 2, d, grad=True, trainable=True)
+            if hart.decode == "fused":
+                dec += fused_decode_bytes(
+                    settings, dims, batch, lengths.hyper, steps=L, layers=hart.hyper_decoder_layers
+                )
+            else:  # HF's stack per step, with its growing KV cache
+                for step in range(L):
+                    for _ in range(hart.hyper_decoder_layers):
+                        b, _ = decoder_layer_bytes(
+                            settings, dims, batch, 2, lengths.hyper, cached=2 * step, cross_kv_saved=step == 0,
+                            x_grad=True, memory_grad=True, trainable=True,
+                        )
+                        dec += b
+                    # each step: dropout on its input rows, the final LayerNorm, the position buckets
+                    dec += settings.mask * batch * 2 * d + 8 * 2 * 2 * (step + 1)
+                    dec += _stack_end(settings, batch * 2, d, grad=True, trainable=True)
             # per group of n layers: LayerNorm output, its scaled copy (the shared Linear's input), the tanh
             # output [n, p, d] and the einsum's copy of it
             heads = sum(2 * n * d + 2 * n * p * d for n in _groups(dims)) + L * 2 * d  # + the states

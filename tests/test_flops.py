@@ -62,6 +62,7 @@ def _batch(b: int, t: int, tt: int, h: int) -> dict[str, torch.Tensor]:
     ("config", "overrides"),
     [
         ("hart_tiny.yaml", []),
+        ("hart_tiny.yaml", ["hart.decode=hf"]),
         ("hart_tiny.yaml", ["hart.fusion=false", "hart.share_head_layernorm=true"]),
         ("hart_tiny.yaml", ["method=hypertuning", "hart.generator=parallel"]),
         ("pha_tiny.yaml", ["pha.tasks=[a,b,c]", "train.micro_batch_size=3", "train.global_batch_size=6"]),

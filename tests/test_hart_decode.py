@@ -28,13 +28,13 @@ def _states_and_grads(method: HartMethod, decode: str, demos: torch.Tensor, mask
 
 
 def _no_dropout(method: HartMethod) -> None:
-    """Dropout off everywhere, including T5 attention's float ``dropout`` attribute and the decode's config."""
+    """Dropout off everywhere: the ``nn.Dropout`` modules (the fused decode reads the stack's) and T5 attention's
+    float ``dropout`` attribute."""
     for module in method.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
         if isinstance(getattr(module, "dropout", None), float):
             module.dropout = 0.0
-    method.hyper_decoder.config.dropout_rate = 0.0
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
@@ -74,7 +74,7 @@ def test_fused_is_hart_default_and_trains_end_to_end():
 
 def test_fused_decode_applies_dropout_in_training_only():
     method = _method()
-    assert method.hyper_decoder.config.dropout_rate > 0
+    assert method.hyper_decoder.dropout.p > 0
     demos, mask = _inputs(method.eval(), _batch())
     with torch.no_grad():
         a = method.autoregressive_states(demos, mask)

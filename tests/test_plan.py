@@ -12,7 +12,7 @@ from hypertrain import plan as P
 from hypertrain.cli import main as cli
 from hypertrain.config import Config, load_config
 from hypertrain.engine import enable_activation_checkpointing
-from hypertrain.flops import Lengths
+from hypertrain.flops import Lengths, T5Dims
 from hypertrain.models.build import build_method
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -65,6 +65,7 @@ CASES = [
     ("hart_tiny.yaml", ["model.attn_implementation=eager"], "materialized", True, "none"),
     ("hart_tiny.yaml", ["model.attn_implementation=eager", "model.dtype=bfloat16"], "materialized", True, "none"),
     ("hart_tiny.yaml", ["model.attn_implementation=sdpa"], "materialized", True, "none"),
+    ("hart_tiny.yaml", ["model.attn_implementation=eager", "hart.decode=hf"], "materialized", True, "none"),
     ("hart_tiny.yaml", ["model.attn_implementation=sdpa"], "fused", False, "none"),
     ("hart_tiny.yaml", ["model.attn_implementation=eager"], "materialized", True, "both"),
     ("hart_tiny.yaml", ["model.attn_implementation=sdpa"], "fused", False, "main"),
@@ -87,6 +88,36 @@ def test_activation_model_matches_measured_cpu_memory(config, overrides, attenti
     kept_tol = 0.03 if checkpointing == "none" else 0.15
     assert measured["kept"] == pytest.approx(model["kept"], rel=kept_tol)
     assert measured["peak"] == pytest.approx(model["peak"], rel=0.2)
+
+
+@pytest.mark.parametrize(("batch", "memory", "steps", "layers", "dropout"), [(4, 64, 2, 2, True), (2, 32, 6, 2, True),
+                                                                       (3, 48, 6, 3, False)])
+def test_fused_decode_model_matches_the_measured_decode(batch, memory, steps, layers, dropout):
+    """HART's fused decode alone (it is a small part of a step, so the step-level test would hide its errors)."""
+    import gc
+
+    from hypertrain.models.hart import HartMethod
+    from hypertrain.models.registry import build_t5
+    from hypertrain.models.t5_main import FrozenT5
+
+    torch.manual_seed(0)
+    t5 = build_t5("tiny", device="cpu", num_layers=steps, num_decoder_layers=steps)
+    method = HartMethod(FrozenT5(t5), prefix_length=4, hyper_decoder_layers=layers).train()
+    method.hyper_decoder.dropout.p = 0.1 if dropout else 0.0
+    demos = torch.randn(batch, memory, t5.config.d_model, requires_grad=True)
+    mask = torch.ones(batch, memory, dtype=torch.long)
+    mask[0, -3:] = 0
+    with P.LiveTensorBytes() as tracker:
+        states = method.autoregressive_states(demos, mask)
+        gc.collect()
+        kept = tracker.current
+    del states
+    # CPU SDPA: the math path with dropout (materialised), the flash kernel without (fused)
+    settings = P.ActivationSettings(
+        dtype_bytes=4, mask_bytes=4, dropout=dropout, attention="materialized" if dropout else "fused"
+    )
+    model = P.fused_decode_bytes(settings, T5Dims.from_hf_config(t5.config), batch, memory, steps=steps, layers=layers)
+    assert kept == pytest.approx(model, rel=0.02)
 
 
 def test_checkpointing_and_fused_gelu_shrink_activations():

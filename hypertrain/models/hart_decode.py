@@ -123,7 +123,7 @@ def decode_step(
     """
     config = stack.config
     heads, d_kv = config.num_heads, config.d_kv
-    p_drop = config.dropout_rate if stack.training else 0.0
+    p_drop = stack.dropout.p if stack.training else 0.0  # the stack's own dropout module, as HF's path reads
     batch, rows, _ = x.shape
 
     def split_heads(t: Tensor) -> Tensor:  # [B, rows, heads·d_kv] → [B, heads, rows, d_kv]
