@@ -69,7 +69,8 @@ def _prepare_blocks(stack: T5Stack, demos: Tensor) -> list[_Block]:
     batch, length, _ = demos.shape
     blocks = []
     for block in stack.block:
-        attn, cross, ff = block.layer[0].SelfAttention, block.layer[1].EncDecAttention, block.layer[2].DenseReluDense
+        attn, cross = block.layer[0].SelfAttention, block.layer[1].EncDecAttention
+        ff = block.layer[2].DenseReluDense
         kv = F.linear(demos, torch.cat([cross.k.weight, cross.v.weight]))
         kv = kv.view(batch, length, 2, heads, d_kv).permute(2, 0, 3, 1, 4).contiguous()  # once, not per step
         gated = hasattr(ff, "wi_0")
@@ -149,7 +150,8 @@ def decode_step(
         # cross-attention over the demonstrations (keys/values projected once per forward)
         q = F.linear(rms_norm(h, block.layer[1].layer_norm), weights.cross_q)
         attn = F.scaled_dot_product_attention(
-            split_heads(q), weights.cross_k, weights.cross_v, attn_mask=cross_mask, dropout_p=p_drop, scale=1.0
+            split_heads(q), weights.cross_k, weights.cross_v, attn_mask=cross_mask, dropout_p=p_drop,
+            scale=1.0,
         )
         h = h + F.dropout(F.linear(merge_heads(attn), weights.cross_out), p_drop, stack.training)
         # feed-forward
@@ -188,6 +190,7 @@ def fused_autoregressive_states(
     blocks = _prepare_blocks(stack, demos)
     table = _self_attention_table(stack, rows * steps, start.dtype, start.device)
     cross_mask = _cross_mask(demos_mask, start.dtype)
+
     def empty() -> tuple[Tensor, ...]:
         # Distinct buffers that require a gradient whenever later steps' caches will: a compiled step is
         # guarded on aliasing and on requires_grad, and would otherwise compile a second graph for step 1.
