@@ -47,3 +47,27 @@ def test_generators_benchmark_times_every_decode_path():
     assert r["fused_over_hf_decoding"] == pytest.approx(r["hart_decoding_s"] / r["hart_decoding_hf_s"])
     assert r["compiled_over_hf_decoding"] == pytest.approx(r["hart_decoding_compiled_s"] / r["hart_decoding_hf_s"])
     assert r["decode_compile_s"] > r["hart_decoding_compiled_s"]  # the first call compiled, later ones did not
+
+
+def test_gpu_suite_smoke_writes_json_table_and_reports_failures(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_suite.py"), "--out", str(tmp_path), "--smoke"],
+        cwd=REPO, capture_output=True, text=True, timeout=900, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == [
+        "tiny_hart-hf-decode_sdpa_none_4.json", "tiny_hart_sdpa_none_4.json", "tiny_hypertuning_sdpa_none_4.json"
+    ]
+    assert "no-such-shape" in (tmp_path / "tiny_hart_broken.err").read_text()
+    table = (tmp_path / "table.md").read_text().splitlines()
+    assert table[0].startswith("| GPU | model | method |") and len(table[2].split("|")) == 15
+    assert any("| hart, `--decode hf` |" in line for line in table)
+    assert any("failed (see .err)" in line for line in table)
+    assert any(line.startswith("HART / HyperTuning step time, tiny_hart_sdpa_none_4") for line in table)
+    assert "3 of 4 rows measured" in done.stdout
+    # a second run keeps the measured rows (resume) and retries only the failed one
+    again = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_suite.py"), "--out", str(tmp_path), "--smoke"],
+        cwd=REPO, capture_output=True, text=True, timeout=900, check=False,
+    )
+    assert again.returncode == 0 and again.stdout.count("] tiny_") == 1
