@@ -101,7 +101,11 @@ def enable_activation_checkpointing(method: torch.nn.Module, which: str) -> None
             module = getattr(module, part, None)
         if module is None or not hasattr(module, "gradient_checkpointing_enable"):
             raise ConfigError(f"train.activation_checkpointing: this method has no {dotted} to checkpoint")
-        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(module, "activation_checkpointing_enable"):  # newer transformers 5.x; the old name warns
+            module.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def peak_memory_mb(device: torch.device) -> float:
