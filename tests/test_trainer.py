@@ -149,6 +149,15 @@ def test_zero3_loads_partitioned_and_trains(tiny_data, tiny_checkpoint, tmp_path
     check_finished_run(run_dir, 30)
 
 
+def test_compiled_decode_trains_under_zero2(tiny_data, tmp_path):
+    # hart.compile_decode inside the DeepSpeed engine (ZeRO-2 gradient hooks, 8-bit Adam), fixed shapes
+    run_dir = tmp_path / "run"
+    code = finish(launch(run_dir, tiny_data, "train.total_steps=30", "run.checkpoint_every=100",
+                         "hart.compile_decode=default", "data.pad_to_max=true"), run_dir, timeout=600)
+    assert code == 0, log_tail(run_dir)
+    check_finished_run(run_dir, 30)
+
+
 def test_kill9_then_resume_reproduces_the_uninterrupted_losses(tiny_data, tmp_path):
     steps = ["train.total_steps=24", "run.checkpoint_every=6", "train.warmup_steps=3"]
     reference = tmp_path / "reference"  # ZeRO-2, 8-bit Adam, uninterrupted
