@@ -72,19 +72,13 @@ def compare(args: argparse.Namespace, method: nn.Module, batch: dict[str, torch.
     if getattr(method, "generator", None) == "autoregressive":
         decodes = ["hf", "fused"] + ([f"fused+{args.compile_decode}"] if args.compile_decode != "none" else [])
         variants += [("sdpa", False, d) for d in decodes if d != args.decode]
-    compiled = {}
     times: dict[str, list[float]] = {}
     for i in range(args.warmup + args.steps):
         for attention, gelu, decode in variants:
             set_attention(method, attention)
             set_gelu(method, gelu)
-            if "+" in decode:  # one compiled function, reused (switching back and forth must not recompile)
-                if decode not in compiled:
-                    method.set_decode("fused", args.compile_decode)
-                    compiled[decode] = method._decode_step
-                method.decode, method._decode_step = "fused", compiled[decode]
-            elif hasattr(method, "set_decode"):
-                method.set_decode(decode)
+            if hasattr(method, "set_decode"):
+                method.set_decode(*decode.split("+"))  # "fused+MODE": compiled once, then reused
             method.zero_grad(set_to_none=True)
             elapsed = _timed(lambda: method(batch).loss.backward(), args.device)
             if i >= args.warmup:

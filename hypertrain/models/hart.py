@@ -19,7 +19,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -259,6 +260,7 @@ class HartMethod(nn.Module):
         super().__init__()
         if generator not in ("autoregressive", "parallel"):
             raise ValueError(f"unknown generator {generator!r}")
+        self._compiled_steps: dict[str, Callable[..., Any]] = {}  # compile mode → compiled decode step
         self.set_decode(decode, compile_decode)
         self.main = main
         self.generator = generator
@@ -311,13 +313,18 @@ class HartMethod(nn.Module):
 
     # generators ---------------------------------------------------------------------------------
     def set_decode(self, decode: DecodePath, compile_mode: str = "none") -> None:
-        """Choose HART's decode path (``fused`` or the ``hf`` reference) and the fused path's compile mode."""
+        """Choose HART's decode path (``fused`` or the ``hf`` reference) and the fused path's compile mode.
+
+        A compile mode's function is made once and kept, so switching back and forth never recompiles.
+        """
         if decode not in ("fused", "hf"):
             raise ValueError(f"unknown decode path {decode!r}")
         if compile_mode not in COMPILE_MODES:
             raise ValueError(f"unknown compile mode {compile_mode!r} (known: {', '.join(COMPILE_MODES)})")
         self.decode, self.compile_decode = decode, compile_mode
-        self._decode_step = decode_step if compile_mode == "none" else torch.compile(decode_step, mode=compile_mode)
+        if compile_mode != "none" and compile_mode not in self._compiled_steps:
+            self._compiled_steps[compile_mode] = torch.compile(decode_step, mode=compile_mode)
+        self._decode_step = self._compiled_steps.get(compile_mode, decode_step)
 
     def autoregressive_states(
         self, demos: Tensor, demos_mask: Tensor | None, steps: int | None = None
