@@ -228,6 +228,14 @@ def _labels(runs: Sequence[RunSummary]) -> list[str]:
     return labels
 
 
+def _save(plt, fig, path: Path) -> Path:
+    """Lay out, write and close a figure."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_loss(runs: Sequence[RunSummary], path: Path) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -243,10 +251,7 @@ def plot_loss(runs: Sequence[RunSummary], path: Path) -> Path:
         ax.legend(fontsize=8)
     else:
         ax.text(0.5, 0.5, "no loss logged", ha="center", va="center", transform=ax.transAxes)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_eval(runs: Sequence[RunSummary], path: Path) -> Path:
@@ -273,10 +278,7 @@ def plot_eval(runs: Sequence[RunSummary], path: Path) -> Path:
         ax.text(0.5, 0.5, "no eval/ metrics logged by these runs", ha="center", va="center", transform=ax.transAxes)
         ax.set_xticks([])
     ax.set_title("Evaluation (final values)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_throughput(runs: Sequence[RunSummary], path: Path) -> Path:
@@ -299,10 +301,7 @@ def plot_throughput(runs: Sequence[RunSummary], path: Path) -> Path:
         ax.set_xticks(range(len(runs)))
         ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)
         ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def write_outputs(runs: Sequence[RunSummary], out: str | Path) -> dict[str, Path]:
