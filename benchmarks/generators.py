@@ -78,12 +78,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         return t.detach().clone().requires_grad_(True)
 
     def main_alone() -> None:
-        peft = PeftParams(
-            encoder_prefix=[(leaf(k), leaf(v)) for k, v in fixed.encoder_prefix],
-            decoder_prefix=[(leaf(k), leaf(v)) for k, v in fixed.decoder_prefix],
-            fusion_states=leaf(fixed.fusion_states),
-            fusion_mask=fixed.fusion_mask,
-        )
+        peft = fixed.prefix_leaves()
         main(batch["input_ids"], batch["attention_mask"], labels=batch["labels"], peft=peft).loss.backward()
 
     with torch.no_grad():

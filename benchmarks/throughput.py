@@ -32,7 +32,7 @@ from torch import nn
 from hypertrain.config import Config
 from hypertrain.flops import Lengths, T5Dims, breakdown, peak_flops
 from hypertrain.models.registry import build_t5, get_shape
-from hypertrain.models.t5_main import FrozenT5, PeftParams
+from hypertrain.models.t5_main import FrozenT5
 
 CPU_DEFAULTS = dict(model="tiny", input_len=64, target_len=16, hyper_len=128, prefix=4, hyper_layers=2)
 GPU_DEFAULTS = dict(model="t5-xl", input_len=384, target_len=128, hyper_len=1024, prefix=32, hyper_layers=8)
@@ -184,10 +184,6 @@ def _timed(fn: Callable[[], None], device: str) -> float:
     return time.perf_counter() - start
 
 
-def _leaf(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.detach().clone().requires_grad_(True)
-
-
 def parts(method: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, Callable[[], None]]:
     """The full step and its parts alone (each a forward + backward)."""
     variants: dict[str, Callable[[], None]] = {"step": lambda: method(batch).loss.backward()}
@@ -198,12 +194,7 @@ def parts(method: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, Callab
             demos = method.hyper_encoder(batch["hyper_input_ids"], batch["hyper_attention_mask"]).last_hidden_state
 
         def main_alone() -> None:
-            peft = PeftParams(
-                encoder_prefix=[(_leaf(k), _leaf(v)) for k, v in fixed.encoder_prefix],
-                decoder_prefix=[(_leaf(k), _leaf(v)) for k, v in fixed.decoder_prefix],
-                fusion_states=_leaf(fixed.fusion_states),
-                fusion_mask=fixed.fusion_mask,
-            )
+            peft = fixed.prefix_leaves()
             main(batch["input_ids"], batch["attention_mask"], labels=batch["labels"], peft=peft).loss.backward()
 
         def hyper_encoder() -> None:
@@ -211,7 +202,7 @@ def parts(method: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, Callab
             out.backward(torch.ones_like(out))
 
         def generator() -> None:
-            leaf = _leaf(demos)
+            leaf = demos.detach().clone().requires_grad_(True)
             if method.generator == "autoregressive":
                 states = method.autoregressive_states(leaf, batch["hyper_attention_mask"])
             else:

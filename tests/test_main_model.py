@@ -208,6 +208,22 @@ def test_gradients_reach_the_peft_parameters_only(main):
     assert all(p.grad is None for p in main["sdpa"].parameters())
 
 
+def test_prefix_leaves_cut_the_parameters_off_their_graph(main):
+    ids, mask, labels = _inputs()
+    source = torch.ones((), requires_grad=True)
+    peft = _peft()
+    peft.encoder_prefix = [(k * source, v * source) for k, v in peft.encoder_prefix]  # made by a "hypernetwork"
+    leaves = peft.prefix_leaves()
+    tensors = [t for kv in (*leaves.encoder_prefix, *leaves.decoder_prefix) for t in kv] + [leaves.fusion_states]
+    assert all(t.is_leaf and t.requires_grad for t in tensors)
+    torch.testing.assert_close(leaves.encoder_prefix[0][0], peft.encoder_prefix[0][0], rtol=0, atol=0)
+    assert leaves.fusion_mask is peft.fusion_mask
+    main["sdpa"](ids, mask, labels=labels, peft=leaves).loss.backward()
+    assert source.grad is None and all(t.grad is not None for t in tensors)
+    with pytest.raises(ValueError, match="adapters"):
+        PeftParams(encoder_adapters=[None]).prefix_leaves()
+
+
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_greedy_generation_equals_teacher_forced_argmax(main, attn):
     model = main[attn]

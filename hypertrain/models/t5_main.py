@@ -98,6 +98,28 @@ class PeftParams:
         """The parts the decoder reads once the encoder has run (prefixes and adapters of the decoder)."""
         return PeftParams(decoder_prefix=self.decoder_prefix, decoder_adapters=self.decoder_adapters)
 
+    def prefix_leaves(self) -> PeftParams:
+        """Prefixes and fusion states as new leaf tensors that need a gradient: the main model's part of a
+        training step, cut off from the hypernetwork (benchmarks time it alone). Adapters are callables and
+        cannot be cut off this way."""
+        if self.encoder_adapters is not None or self.decoder_adapters is not None:
+            raise ValueError("prefix_leaves: these parameters hold adapters")
+
+        def leaf(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.detach().clone().requires_grad_(True)
+
+        def leaves(prefixes: Sequence[Prefix | None] | None) -> list[Prefix | None] | None:
+            if prefixes is None:
+                return None
+            return [None if kv is None else (leaf(kv[0]), leaf(kv[1])) for kv in prefixes]  # type: ignore[misc]
+
+        return PeftParams(
+            encoder_prefix=leaves(self.encoder_prefix),
+            decoder_prefix=leaves(self.decoder_prefix),
+            fusion_states=leaf(self.fusion_states),
+            fusion_mask=self.fusion_mask,
+        )
+
     def repeat_interleave(self, repeats: int) -> PeftParams:
         """Each example's parameters ``repeats`` times in a row, as HF generation lays out beams.
 
