@@ -31,6 +31,7 @@ from torch import nn
 
 from hypertrain.config import Config
 from hypertrain.flops import Lengths, T5Dims, breakdown, peak_flops
+from hypertrain.models.hart import COMPILE_MODES
 from hypertrain.models.registry import build_t5, get_shape
 from hypertrain.models.t5_main import FrozenT5
 
@@ -452,8 +453,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         default="none")
     parser.add_argument("--fused-gelu", action="store_true", help="one-op tanh-GELU in every T5 FFN")
     parser.add_argument("--decode", choices=["fused", "hf"], default="fused", help="HART's decode path")
-    parser.add_argument("--compile-decode", default="none",
-                        choices=["none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+    parser.add_argument("--compile-decode", default="none", choices=COMPILE_MODES,
                         help="torch.compile mode of the fused decode (reduce-overhead: CUDA graphs on GPU)")
     parser.add_argument("--optimizer", choices=["none", "adamw", "adamw8bit"], default="none",
                         help="add an optimizer step (no ZeRO: every parameter on this device)")
