@@ -53,7 +53,7 @@ from data_prep.p3_layout import (
     read_json,
     read_rows,
 )
-from data_prep.runner import PrepError, UnitResult, add_run_options, run_prep_for, summarize
+from data_prep.runner import PrepError, SkipLog, UnitResult, add_run_options, run_prep_for, summarize
 from hypertrain.config import ConfigError, P3PrepConfig, from_dict
 from hypertrain.episode import Episode
 
@@ -105,7 +105,10 @@ def _bad(cfg: P3PrepConfig, skipped: Counter[str], reason: str, message: str) ->
     """Bad example or row: an error, or with ``--skip-bad`` one more count under ``reason``."""
     if not cfg.skip_bad:
         raise PrepError(f"{message} (use --skip-bad to skip and count it)")
-    skipped[reason] += 1
+    if isinstance(skipped, SkipLog):
+        skipped.note(reason, error=message)
+    else:
+        skipped[reason] += 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,7 +255,7 @@ def train_episodes(unit: Unit, cfg: P3PrepConfig) -> tuple[list[Episode], dict[s
     if split is None:
         raise _Skip("task:no_train_split", f"{subset.path}: no train split (has {sorted(subset.splits)})")
     _require_text(split)
-    skipped: Counter[str] = Counter()
+    skipped: Counter[str] = SkipLog()
     keep: Sequence[int] | None = None  # all rows
     num_rows = None
     if unit.cap is not None:
@@ -398,7 +401,7 @@ def eval_episodes(unit: Unit, cfg: P3PrepConfig) -> tuple[list[Episode], dict[st
             "task:no_eval_split", f"{subset.path}: no {cfg.eval_split!r} split (has {sorted(subset.splits)})"
         )
     _require_text(split)
-    skipped: Counter[str] = Counter()
+    skipped: Counter[str] = SkipLog()
     columns = _text_columns(cfg)
     if _is_score_eval(split):
         kind = "score_eval"
@@ -440,6 +443,12 @@ def _relative(message: str, subset: Subset) -> str:
     return message.replace(subset.path, subset.folder)
 
 
+def _skipped_unit(reason: str, subset: Subset, facts: Mapping[str, Any]) -> SkipLog:
+    skipped = SkipLog()
+    skipped.note(reason, task=subset.folder, error=facts["error"])
+    return skipped
+
+
 def subset_episodes(unit: Unit, cfg: P3PrepConfig) -> UnitResult:
     """Prepare one subset (picklable entry point for the worker pool)."""
     subset = unit.subset
@@ -452,7 +461,7 @@ def subset_episodes(unit: Unit, cfg: P3PrepConfig) -> UnitResult:
             raise PrepError(f"{skip} (use --skip-bad to skip and count it)") from None
         facts.update(skipped={skip.reason: 1}, error=_relative(str(skip), subset))
         return UnitResult(
-            subset.folder, [], skipped=Counter({skip.reason: 1}), extra={"subsets": {subset.folder: facts}}
+            subset.folder, [], skipped=_skipped_unit(skip.reason, subset, facts), extra={"subsets": {subset.folder: facts}}
         )
     except PrepError as err:  # unreadable data (corrupt TFRecord, missing info.json or feature, ...)
         if not cfg.skip_bad:
@@ -461,12 +470,14 @@ def subset_episodes(unit: Unit, cfg: P3PrepConfig) -> UnitResult:
         return UnitResult(
             subset.folder,
             [],
-            skipped=Counter({"task:unreadable": 1}),
+            skipped=_skipped_unit("task:unreadable", subset, facts),
             extra={"subsets": {subset.folder: facts}},
         )
     facts.update(more, episodes=len(episodes))
     if skipped:
         facts["skipped"] = dict(sorted(skipped.items()))
+    for record in getattr(skipped, "records", []):
+        record.update(task=subset.folder, error=_relative(record["error"], subset))
     return UnitResult(
         subset.folder,
         episodes,

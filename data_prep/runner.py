@@ -27,8 +27,10 @@ from data_prep.shards import (
     manifest_filename,
     merge_extra,
     shard_prefix,
+    verify,
     write_json_atomic,
 )
+from data_prep.staging import commit, discard, staging_dir
 from hypertrain.episode import Episode
 
 U = TypeVar("U")
@@ -38,6 +40,46 @@ class PrepError(RuntimeError):
     """Bad input: the message names the file and the record or field."""
 
 
+class SkipLog(Counter):
+    """reason → count of skipped tasks/records (a Counter), plus which ones they were, for the manifest."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.records: list[dict[str, Any]] = []
+
+    def note(self, reason: str, **where: Any) -> None:
+        """Count one skip under ``reason`` and remember where it was (task, file, index, id, error)."""
+        self[reason] += 1
+        self.records.append({"reason": reason, **where})
+
+    def __reduce__(self):  # Counter's pickling would drop the records (results cross process boundaries)
+        return (_restore_skip_log, (dict(self), self.records))
+
+
+def _restore_skip_log(counts: dict[str, int], records: list[dict[str, Any]]) -> SkipLog:
+    log = SkipLog(counts)
+    log.records = records
+    return log
+
+
+class SkippedRecords:
+    """The manifest's ``skipped_records``: every skip with where it was, up to ``limit`` entries (then counted)."""
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self.limit = limit
+        self.records: list[dict[str, Any]] = []
+        self.unlisted = 0
+
+    def add(self, skipped: Counter[str]) -> None:
+        records = getattr(skipped, "records", [])
+        room = max(0, self.limit - len(self.records))
+        self.records.extend(records[:room])
+        self.unlisted += sum(skipped.values()) - min(room, len(records))
+
+    def listing(self) -> dict[str, Any]:
+        return {"records": self.records, "unlisted": self.unlisted}
+
+
 @dataclasses.dataclass
 class UnitResult:
     """What one unit of work (one task / prompted subset) produced."""
@@ -45,8 +87,9 @@ class UnitResult:
     task: str
     episodes: list[Episode]
     categories: list[str] = dataclasses.field(default_factory=list)
-    skipped: Counter[str] = dataclasses.field(default_factory=Counter)
-    """reason → count; ``task:<why>`` for whole units skipped, ``instance:<why>`` for records."""
+    skipped: Counter[str] = dataclasses.field(default_factory=SkipLog)
+    """reason → count; ``task:<why>`` for whole units skipped, ``instance:<why>`` for records. A
+    :class:`SkipLog` also says which records they were (listed in the manifest's ``skipped_records``)."""
     dropped: str | None = None
     """Set when a filter removed the whole unit (e.g. ``non_english``): listed under ``dropped_tasks``."""
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -99,18 +142,57 @@ def run_prep(
     shard_max_bytes: int = 256 * 1024**2,
     dropped_tasks: Mapping[str, list[str]] | None = None,
     filters: Mapping[str, Any] | None = None,
+    verify_output: bool = True,
 ) -> dict[str, Any]:
-    """Prepare this piece's units and write shards plus the (partial) manifest; returns the manifest."""
-    out_dir = Path(out_dir)
+    """Prepare this piece's units into shards plus the (partial) manifest; returns the manifest.
+
+    A single run stages its output and swaps it in for ``out_dir`` once complete and verified; a job-array piece
+    leaves its output in the shared staging directory for ``data_prep.merge`` (see :mod:`data_prep.staging`).
+    """
     mine = piece_of(units, num_jobs, job_index)
+    prefix = shard_prefix(split, num_jobs, job_index)
+    # Nothing is written into out_dir until the new output is complete and verified (data_prep.staging).
+    staging = staging_dir(out_dir, shared=num_jobs > 1)
+    if num_jobs == 1:
+        discard(staging)  # leftovers of a killed run of this pid
+    try:
+        manifest = _write_piece(
+            staging, prefix, mine, fn, workers, f"{source} {split}", shard_max_samples, shard_max_bytes,
+            dict(source=source, split=split, options=options, dropped_tasks=dropped_tasks, filters=filters),
+        )
+        write_json_atomic(staging / manifest_filename(num_jobs, job_index), manifest)
+        if num_jobs == 1:
+            if verify_output:
+                verify(staging)
+            commit(staging, out_dir)
+    except BaseException:
+        if num_jobs == 1:
+            discard(staging)
+        raise
+    return manifest
+
+
+def _write_piece(
+    staging: Path,
+    prefix: str,
+    mine: Sequence[U],
+    fn: Callable[[U], UnitResult],
+    workers: int,
+    desc: str,
+    shard_max_samples: int,
+    shard_max_bytes: int,
+    about: dict[str, Any],
+) -> dict[str, Any]:
+    """Map ``fn`` over this piece's units, write their episodes as shards into ``staging``; the manifest."""
     tasks: dict[str, int] = {}
     categories: dict[str, list[str]] = {}
     skipped: Counter[str] = Counter()
-    dropped: dict[str, list[str]] = {reason: list(names) for reason, names in (dropped_tasks or {}).items()}
+    dropped: dict[str, list[str]] = {reason: list(names) for reason, names in (about.pop("dropped_tasks") or {}).items()}
     merged_extra: dict[str, Any] = {}
-    prefix = shard_prefix(split, num_jobs, job_index)
-    with EpisodeShardWriter(out_dir, prefix, shard_max_samples, shard_max_bytes) as writer:
-        for result in map_in_order(fn, mine, workers, desc=f"{source} {split}"):
+    skipped_records = SkippedRecords()
+    with EpisodeShardWriter(staging, prefix, shard_max_samples, shard_max_bytes) as writer:
+        for result in map_in_order(fn, mine, workers, desc=desc):
+            skipped_records.add(result.skipped)
             skipped.update(result.skipped)
             merge_extra(merged_extra, result.extra)
             if result.dropped:
@@ -123,20 +205,16 @@ def run_prep(
                 writer.write(episode)
             tasks[result.task] = len(result.episodes)
             categories[result.task] = list(result.categories)
-    manifest = build_manifest(
-        source=source,
-        split=split,
-        options=options,
+    return build_manifest(
+        **about,
         shards=writer.shards,
         tasks=tasks,
         skipped=dict(skipped),
         categories=categories,
         dropped_tasks=dropped,
-        filters=filters,
         extra=merged_extra,
+        skipped_records=skipped_records.listing(),
     )
-    write_json_atomic(out_dir / manifest_filename(num_jobs, job_index), manifest)
-    return manifest
 
 
 def run_prep_for(

@@ -101,7 +101,7 @@ class EpisodeShardWriter:
             tmp.unlink(missing_ok=True)
             return
         final = Path(fname)
-        entry = {"file": final.name, "num_samples": count, "sha256": sha256_file(tmp)}
+        entry = {"file": final.name, "num_samples": count, "bytes": tmp.stat().st_size, "sha256": sha256_file(tmp)}
         os.replace(tmp, final)
         self.shards.append(entry)
 
@@ -142,6 +142,7 @@ def build_manifest(
     dropped_tasks: Mapping[str, list[str]] | None = None,
     filters: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
+    skipped_records: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The manifest of a prepared directory. Keys are sorted when written, so equal content gives equal bytes.
 
@@ -149,7 +150,9 @@ def build_manifest(
     - ``skipped``: reason → count (``task:<why>`` counts tasks, ``instance:<why>`` counts instances);
     - ``dropped_tasks``: reason → task names that the task filter removed before reading;
     - ``filters``: run-level decisions made before the work was split (identical in every job-array piece);
-    - ``extra``: source-specific facts gathered per unit (merged across pieces: dicts union, numbers add).
+    - ``extra``: source-specific facts gathered per unit (merged across pieces: dicts union, numbers add);
+    - ``skipped_records``: ``records`` (each skip: reason, task, file, index/id, error) and ``unlisted`` (skips
+      beyond the listing's cap, counted only).
     """
     num_samples = sum(shard["num_samples"] for shard in shards)
     if num_samples != sum(tasks.values()):
@@ -167,6 +170,7 @@ def build_manifest(
         "dropped_tasks": {k: sorted(v) for k, v in sorted((dropped_tasks or {}).items())},
         "filters": dict(filters or {}),
         "extra": dict(extra or {}),
+        "skipped_records": dict(skipped_records or {"records": [], "unlisted": 0}),
     }
 
 
@@ -200,28 +204,38 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def merge_manifests(out_dir: str | Path, remove_parts: bool = True) -> dict[str, Any]:
-    """Join the partial manifests of a job array into ``manifest.json``.
+def merge_manifests(out_dir: str | Path, remove_parts: bool = True, verify_output: bool = True) -> dict[str, Any]:
+    """Join the partial manifests of a job array into ``manifest.json`` and swap the result in for ``out_dir``.
 
+    The pieces wrote into the array's staging directory (:mod:`data_prep.staging`); ``out_dir`` keeps its
+    earlier content until the merged output is complete and (unless ``verify_output`` is false) verified.
     All parts must be present and agree on everything but ``job_index``. Episodes keep piece order, so the
     merged directory holds the same episodes, in the same order, as a single run over the same input.
     """
-    out_dir = Path(out_dir)
+    from data_prep.staging import commit, staging_dir
+
+    target = Path(out_dir)
+    staged = staging_dir(target, shared=True)
+    if not staged.is_dir():
+        raise ShardError(f"{target}: no job-array output to merge (expected the pieces' staging directory {staged})")
     parts: dict[int, Path] = {}
     totals = set()
-    for path in sorted(out_dir.iterdir()):
+    for path in sorted(staged.iterdir()):
         match = _PART_RE.match(path.name)
         if match:
             parts[int(match.group(1))] = path
             totals.add(int(match.group(2)))
     if not parts:
-        raise ShardError(f"{out_dir}: no partial manifests (manifest.part-*-of-*.json) to merge")
+        raise ShardError(f"{staged}: no partial manifests (manifest.part-*-of-*.json) to merge")
     if len(totals) != 1:
-        raise ShardError(f"{out_dir}: partial manifests from different job arrays: of-{sorted(totals)}")
+        raise ShardError(
+            f"{staged}: partial manifests from different job arrays: of-{sorted(totals)} (delete {staged} and "
+            "run the array again)"
+        )
     (num_jobs,) = totals
     missing = sorted(set(range(num_jobs)) - set(parts))
     if missing:
-        raise ShardError(f"{out_dir}: job-array pieces {missing} of {num_jobs} have no partial manifest yet")
+        raise ShardError(f"{staged}: job-array pieces {missing} of {num_jobs} have no partial manifest yet")
 
     pieces = [json.loads(parts[i].read_text(encoding="utf-8")) for i in range(num_jobs)]
     first = pieces[0]
@@ -239,6 +253,7 @@ def merge_manifests(out_dir: str | Path, remove_parts: bool = True) -> dict[str,
     skipped: Counter[str] = Counter()
     shards: list[dict[str, Any]] = []
     extra: dict[str, Any] = {}
+    skipped_records: dict[str, Any] = {"records": [], "unlisted": 0}
     # Run-level drops appear in every piece, per-unit drops in one: a set union counts each task once.
     dropped: dict[str, set[str]] = {}
     for index, piece in enumerate(pieces):
@@ -252,6 +267,7 @@ def merge_manifests(out_dir: str | Path, remove_parts: bool = True) -> dict[str,
         skipped.update(piece["skipped"])
         shards.extend(piece["shards"])
         extra = merge_extra(extra, piece.get("extra", {}))
+        skipped_records = merge_extra(skipped_records, piece.get("skipped_records", {}))
 
     options = dict(first["options"], job_index=0, num_jobs=1)
     manifest = build_manifest(
@@ -265,12 +281,16 @@ def merge_manifests(out_dir: str | Path, remove_parts: bool = True) -> dict[str,
         dropped_tasks={reason: sorted(names) for reason, names in dropped.items()},
         filters=first["filters"],
         extra=extra,
+        skipped_records=skipped_records,
     )
     manifest["merged_from"] = num_jobs
-    write_json_atomic(out_dir / MANIFEST_NAME, manifest)
+    write_json_atomic(staged / MANIFEST_NAME, manifest)
+    if verify_output:
+        verify(staged)
     if remove_parts:
         for path in parts.values():
             path.unlink()
+    commit(staged, target)
     return manifest
 
 
@@ -335,6 +355,9 @@ def verify(out_dir: str | Path) -> dict[str, Any]:
         path = out_dir / shard["file"]
         if not path.is_file():
             raise ShardError(f"{path}: shard listed in the manifest is missing")
+        size = path.stat().st_size
+        if "bytes" in shard and size != shard["bytes"]:
+            raise ShardError(f"{path}: {size} bytes, the manifest says {shard['bytes']} (truncated or replaced)")
         digest = sha256_file(path)
         if digest != shard["sha256"]:
             raise ShardError(f"{path}: sha256 {digest[:12]}… does not match the manifest's {shard['sha256'][:12]}…")

@@ -22,17 +22,18 @@ import json
 import random
 import string
 import sys
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from data_prep.runner import PrepError, UnitResult, add_run_options, run_prep_for, summarize
+from data_prep.runner import PrepError, SkipLog, UnitResult, add_run_options, run_prep_for, summarize
 from hypertrain.config import ConfigError, SNIPrepConfig, from_dict
 from hypertrain.episode import Episode
 
 SOURCE = "sni"
 LANGUAGE_FIELDS = ("Input_language", "Output_language", "Instruction_language")
+OVERSIZED_CHARS = 100_000
+"""Instances with an input or output longer than this are counted in the manifest's ``extra.oversized_instances``."""
 SPLIT_FILES = {"train": "train_tasks.txt", "test": "test_tasks.txt"}
 EXCLUDED_FILE = "excluded_tasks.txt"
 
@@ -212,11 +213,15 @@ def task_episodes(task_name: str, cfg: SNIPrepConfig) -> UnitResult:
     except _Skip as skip:
         if not cfg.skip_bad:
             raise PrepError(f"{skip} (use --skip-bad to skip and count it)") from None
-        return UnitResult(task_name, [], skipped=Counter({skip.reason: 1}))
+        skipped = SkipLog()
+        relative = f"tasks/{task_name}.json"
+        skipped.note(skip.reason, task=task_name, file=relative, error=str(skip).replace(str(path), relative))
+        return UnitResult(task_name, [], skipped=skipped)
 
     hyper_input = format_def_pos(definition, positives)
     categories = [c for c in task.get("Categories", []) if isinstance(c, str)]
-    skipped: Counter[str] = Counter()
+    skipped = SkipLog()
+    oversized = 0
     episodes: list[Episode] = []
     seen_ids: set[str] = set()
     for index in _instance_indices(len(instances), cfg, task_name):
@@ -226,15 +231,17 @@ def task_episodes(task_name: str, cfg: SNIPrepConfig) -> UnitResult:
             problem = ("instance:duplicate_id", "id")
         if problem is not None:
             reason, field = problem
+            ident = instance.get("id") if isinstance(instance, dict) else None
             if not cfg.skip_bad:
-                ident = instance.get("id") if isinstance(instance, dict) else None
                 raise PrepError(
                     f"{path}: Instances[{index}] (id {ident!r}): field '{field}' is missing, empty or invalid "
                     "(use --skip-bad to skip and count it)"
                 )
-            skipped[reason] += 1
+            skipped.note(reason, task=task_name, index=index, id=ident if isinstance(ident, str) else None)
             continue
         seen_ids.add(instance["id"])
+        if max(len(instance["input"]), *(len(o) for o in instance["output"])) > OVERSIZED_CHARS:
+            oversized += 1
         episodes.append(
             Episode(
                 id=instance["id"],
@@ -249,8 +256,10 @@ def task_episodes(task_name: str, cfg: SNIPrepConfig) -> UnitResult:
     extra: dict[str, Any] = {}
     if len(positives) < cfg.num_pos_examples:
         extra["fewer_positive_examples"] = [task_name]
+    if oversized:  # kept (the collator cuts text before tokenizing), but worth knowing about
+        extra["oversized_instances"] = {task_name: oversized}
     if not episodes and not skipped:
-        skipped["task:no_instances"] += 1
+        skipped.note("task:no_instances", task=task_name, file=f"tasks/{task_name}.json")
     return UnitResult(task_name, episodes, categories=categories, skipped=skipped, extra=extra)
 
 

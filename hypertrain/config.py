@@ -10,8 +10,10 @@ Later subsystems add their own sections to :class:`Config`; the machinery below 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -214,7 +216,10 @@ class TrainConfig:
     """A NaN/inf loss skips its step (counted); this many in a row stops the run with a checkpoint."""
 
     def __post_init__(self) -> None:
-        _at_least(self, "train", ("total_steps", "global_batch_size", "micro_batch_size"), 1)
+        _at_least(self, "train", ("total_steps", "global_batch_size", "micro_batch_size", "max_nonfinite_in_row"), 1)
+        for name in ("weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}: must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"train.lr: must be > 0, got {self.lr}")
         if not 0 <= self.warmup_steps <= self.total_steps:
@@ -275,6 +280,8 @@ class PhaConfig:
     def __post_init__(self) -> None:
         positive = ("adapter_bottleneck", "retriever_hidden", "retrieval_dim", "mixed_dim", "project_hidden")
         _at_least(self, "pha", (*positive, "top_k"), 1)
+        if self.loss_weight < 0:
+            raise ConfigError(f"pha.loss_weight: must be >= 0, got {self.loss_weight}")
         for name in ("temperature", "top_k_temperature"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"pha.{name}: must be > 0, got {getattr(self, name)}")
@@ -305,6 +312,10 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _at_least(self, "run", ("checkpoint_every", "keep_last", "log_every"), 1)
+        if self.peak_flops is not None and self.peak_flops <= 0:
+            raise ConfigError(f"run.peak_flops: must be > 0, got {self.peak_flops}")
+        if self.tracking_flush_timeout < 0:
+            raise ConfigError(f"run.tracking_flush_timeout: must be >= 0, got {self.tracking_flush_timeout}")
 
 
 @dataclasses.dataclass
@@ -367,12 +378,13 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        for arg in args:
-            if arg is type(None):
-                continue
+        candidates = [arg for arg in args if arg is not type(None)]
+        for arg in candidates:
             try:
                 return _convert(value, arg, key)
-            except ConfigError:
+            except ConfigError as err:
+                if len(candidates) == 1:  # ``X | None``: X's own message is the precise one
+                    raise err from None
                 continue
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
@@ -400,14 +412,17 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key}: expected int, got {value!r}")
     if tp is float:
+        number: float | None = None
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "5e-5" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected float, got {value!r}")
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "5e-5" (no dot) as a string
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is None:
+            raise ConfigError(f"{key}: expected float, got {value!r}")
+        if not math.isfinite(number):  # .inf / .nan pass YAML and float() but poison a run much later
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value

@@ -156,7 +156,7 @@ def test_job_array_pieces_merge_to_the_single_run(sni_sample, tmp_path):
     single = run(sni_sample, tmp_path / "single", split="train", shard_max_samples=150)
     for index in range(3):
         run(sni_sample, tmp_path / "array", split="train", shard_max_samples=150, num_jobs=3, job_index=index)
-    with pytest.raises(ShardError, match="no partial manifests"):
+    with pytest.raises(ShardError, match="no job-array output to merge"):
         merge_manifests(tmp_path / "single")
     merged = merge_manifests(tmp_path / "array")
     for key in ("num_samples", "tasks", "categories", "skipped", "dropped_tasks", "split", "source", "options"):
@@ -268,7 +268,7 @@ def test_verify_and_prep_command_line(sni_sample, tmp_path):
     assert ok.returncode == 0 and "ok" in ok.stdout
     (out / read_manifest(out)["shards"][0]["file"]).write_bytes(b"garbage")
     bad = subprocess.run([sys.executable, "-m", "data_prep.verify", str(out)], capture_output=True, text=True)
-    assert bad.returncode == 1 and "FAILED" in bad.stderr and "sha256" in bad.stderr
+    assert bad.returncode == 1 and "FAILED" in bad.stderr and "the manifest says 40960" in bad.stderr
 
 
 def test_bad_options_are_rejected(sni_sample, tmp_path):
