@@ -181,6 +181,9 @@ class DataConfig:
     """Episodes held by each worker's shuffle buffer (shards are written task by task; the buffer mixes them)."""
     pad_to_max: bool = False
     """Pad every batch to the maximum lengths (static shapes) instead of the longest sequence in the batch."""
+    verify_shards: Literal["sha256", "size", "none"] = "sha256"
+    """Before training, compare every shard with its manifest (the ranks share the work): size and sha256, size
+    only (for very large datasets), or nothing."""
 
     def __post_init__(self) -> None:
         _at_least(self, "data", ("max_input_tokens", "max_target_tokens", "max_hyper_input_tokens", "shuffle_buffer"), 1)
@@ -297,8 +300,13 @@ class RunConfig:
     """MLflow experiment name."""
     name: str | None = None
     """MLflow run name (default: the run directory's name)."""
-    resume: Literal["auto", "never"] = "auto"
-    """``auto``: continue from the latest checkpoint in ``dir`` if there is one (and the same MLflow run)."""
+    resume: Literal["auto", "never", "restart"] = "auto"
+    """``auto``: continue from the latest checkpoint in ``dir`` (the newest that verifies if ``latest`` is lost or
+    bad) and the same MLflow run; ``never``: start at step 0, and refuse if ``dir`` already holds checkpoints;
+    ``restart``: move earlier checkpoints, metrics and MLflow run id to ``dir/previous/<time>/``, then start at 0."""
+    checkpoint_verify: Literal["sha256", "size"] = "sha256"
+    """How resume, export and eval check a checkpoint against its ``checksums.json``: every file's sha256, or only
+    that every file is there with its size (fast; misses flipped bytes)."""
     checkpoint_every: int = 1000
     """Steps between checkpoints (one is also written at the end and on SIGTERM/SIGUSR1)."""
     keep_last: int = 3

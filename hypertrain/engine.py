@@ -26,16 +26,24 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from hypertrain.checkpoint import Checkpoints, restore_rng_state, rng_state_tensors
+from data_prep.shards import ShardError
+from hypertrain.checkpoint import (
+    CheckpointError,
+    Checkpoints,
+    read_state,
+    restore_rng_state,
+    rng_state_tensors,
+)
 from hypertrain.config import Config, ConfigError, flatten
 from hypertrain.data.collate import EpisodeCollator
 from hypertrain.data.loader import EpisodeBatches, build_loader
-from hypertrain.data.stream import load_source, task_list
+from hypertrain.data.stream import check_shards, load_source, task_list
 from hypertrain.ds_config import zero_stage
 from hypertrain.evaluation.runner import evaluate_in_training
 from hypertrain.flops import peak_flops
 
 log = logging.getLogger("hypertrain")
+METRICS_FILE = "metrics.jsonl"
 
 
 class TrainingError(RuntimeError):
@@ -108,6 +116,25 @@ def enable_activation_checkpointing(method: torch.nn.Module, which: str) -> None
             module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def keep_metrics_through(path: Path, step: int) -> None:
+    """Drop the rows after ``step`` from ``metrics.jsonl`` (written before a crash; the resumed run computes those
+    steps again), so that every step appears once."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            if int(json.loads(line)["step"]) <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut by a crash mid-write
+    if len(kept) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -171,26 +198,100 @@ class Trainer:
         self.trainable_parameters = sum(p.numel() for p in params)
         return engine, schedule, tokenizer
 
-    def _tracker(self, run_id: str | None):
-        from hypertrain.tracking import Tracker
+    def _tracker(self, run_id: str | None, start_step: int):
+        from hypertrain.tracking import Tracker, backfill_rows, read_run_id
+
+        run = self.cfg.run
+
+        def backfill(after: int) -> list[tuple[int, dict[str, float]]]:
+            return backfill_rows(self.run_dir / METRICS_FILE, after, start_step, run.log_every, self.cfg.train.total_steps)
 
         return Tracker(
             self.run_dir,
             enabled=self.rank == 0,
-            experiment=self.cfg.run.experiment,
-            run_name=self.cfg.run.name or self.run_dir.name,
-            run_id=run_id,
+            experiment=run.experiment,
+            run_name=run.name or self.run_dir.name,
+            run_id=run_id or (read_run_id(self.run_dir) if self.rank == 0 else None),
+            backfill=backfill,
         )
+
+    def _check_shards(self, sources) -> None:
+        """Every shard against its manifest before anything is built; the ranks share the work (collective)."""
+        mode = self.cfg.data.verify_shards
+        started = time.perf_counter()
+        problems = check_shards(sources, mode, part=self.rank, parts=self.world_size)
+        gathered: list[list[str] | None] = [None] * self.world_size
+        dist.all_gather_object(gathered, problems)
+        problems = sorted(p for part in gathered for p in part or [])
+        if problems:
+            more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+            raise ShardError("; ".join(problems[:3]) + more + " — data.verify_shards=none skips this check")
+        if self.rank == 0 and mode != "none":
+            count = sum(len(s.shards) for s in sources)
+            log.info("checked %d shards against their manifests (%s) in %.1f s", count, mode,
+                     time.perf_counter() - started)
+
+    def _resume_point(self, checkpoints: Checkpoints) -> tuple[Path | None, str | None]:
+        """Where this run starts, decided by rank 0 and shared (collective): a checkpoint and, when it is not the one
+        ``latest`` names, why; ``(None, None)`` for step 0. Applies ``run.resume``'s rules (``never`` refuses a run
+        directory that holds checkpoints, ``restart`` sets them aside)."""
+        decision: list[Any] = [None, None, None]  # path, note, error
+        if self.rank == 0:
+            try:
+                decision[:2] = self._decide_resume(checkpoints)
+            except (CheckpointError, ConfigError) as err:
+                decision[2] = str(err)
+        dist.broadcast_object_list(decision, src=0)
+        path, note, error = decision
+        if error:
+            raise CheckpointError(error)
+        return (Path(path) if path else None), note
+
+    def _decide_resume(self, checkpoints: Checkpoints) -> tuple[str | None, str | None]:
+        mode = self.cfg.run.resume
+        existing = checkpoints.complete()
+        if mode == "restart":
+            self._set_aside()
+            return None, None
+        if mode == "never":
+            if existing or (checkpoints.root / "latest").exists():
+                newest = existing[-1].name if existing else "a latest pointer"
+                raise ConfigError(
+                    f"run.resume=never: {self.run_dir} already holds checkpoints (newest {newest}); continue them "
+                    "with run.resume=auto, set them aside with run.resume=restart, or choose another run.dir"
+                )
+            return None, None
+        path, note = checkpoints.resume_point()
+        return (str(path) if path else None), note
+
+    def _set_aside(self) -> None:
+        """``run.resume=restart``: move the previous attempt's checkpoints, metrics and run id out of the way."""
+        from hypertrain.tracking import RUN_ID_FILE
+
+        moved = [self.run_dir / name for name in ("checkpoints", METRICS_FILE, RUN_ID_FILE)]
+        moved = [path for path in moved if path.exists()]
+        if not moved:
+            return
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target = self.run_dir / "previous" / stamp
+        target.mkdir(parents=True, exist_ok=False)
+        for path in moved:
+            os.replace(path, target / path.name)
+        log.info("run.resume=restart: moved %s to %s", ", ".join(p.name for p in moved), target)
 
     # the loop -------------------------------------------------------------------------------------------
     def train(self) -> int:
         cfg = self.cfg
         sources = self._sources()
+        self._check_shards(sources)
         tasks = task_list(sources)
-        checkpoints = Checkpoints(self.run_dir, rank=self.rank, keep_last=cfg.run.keep_last, barrier=dist.barrier)
-        resume_from = checkpoints.latest() if cfg.run.resume == "auto" else None
+        checkpoints = Checkpoints(self.run_dir, rank=self.rank, keep_last=cfg.run.keep_last, barrier=dist.barrier,
+                                  verify=cfg.run.checkpoint_verify)
+        resume_from, fallback = self._resume_point(checkpoints)
         if resume_from is not None:
-            saved = json.loads((resume_from / "hypertrain_state.json").read_text())
+            if fallback and self.rank == 0:
+                log.warning("%s", fallback)
+            saved = read_state(resume_from)
             if saved["tasks"] != tasks:
                 raise ConfigError(
                     f"{resume_from}: the checkpoint was trained on {len(saved['tasks'])} tasks, data.train now "
@@ -217,11 +318,17 @@ class Trainer:
             if self.rank == 0:
                 log.info("resumed from %s at step %d (%d batches consumed per rank)", resume_from, step, batches_done)
 
-        tracker = self._tracker(run_id)
+        metrics_file = self.run_dir / METRICS_FILE
+        if self.rank == 0:
+            keep_metrics_through(metrics_file, step)  # steps after the checkpoint are computed (and logged) again
+        tracker = self._tracker(run_id, step)
         params = flatten(dataclasses.asdict(cfg))
         params["model.trainable_parameters"] = self.trainable_parameters
+        tags = self._tags(sources)
+        if fallback:
+            tags["hypertrain.resume_fallback"] = f"step {step}: {fallback}"
         # On resume the tracker adds only missing params and records changed values as an artifact.
-        tracker.start(params=params, tags=self._tags(sources))
+        tracker.start(params=params, tags=tags)
         if self.rank == 0 and resume_from is None:
             tracker.log_dict(ds_cfg, "deepspeed_config.json")
             for source in sources:
@@ -251,7 +358,7 @@ class Trainer:
             restore_rng_state(tensors)  # last: nothing may draw from the RNGs between here and the first step
         accumulation = ds_cfg["gradient_accumulation_steps"]
 
-        def save(reason: str) -> Path:
+        def save(reason: str, promote: bool = True) -> Path:
             state = {
                 "step": step,
                 "batches_consumed": batches_done,
@@ -265,15 +372,14 @@ class Trainer:
             tensors = rng_state_tensors()
             if hasattr(method, "checkpoint_tensors"):
                 tensors.update({f"method.{k}": v for k, v in method.checkpoint_tensors().items()})
-            path = checkpoints.save(engine, step, state, tensors)
+            path = checkpoints.save(engine, step, state, tensors, promote=promote)
             if self.rank == 0:
-                log.info("checkpoint %s (%s)", path, reason)
+                log.info("checkpoint %s (%s)%s", path, reason, "" if promote else "; latest still names the last good one")
             return path
 
         sample_flops = SampleFlops(cfg)
         peak = peak_flops(torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
                           cfg.run.peak_flops)
-        metrics_file = self.run_dir / "metrics.jsonl"
         window: list[dict[str, float]] = []
         nonfinite_in_row = 0
         status, exit_code = "FINISHED", 0
@@ -298,7 +404,7 @@ class Trainer:
                         nonfinite_in_row += 1
                         nonfinite_total += 1
                         if nonfinite_in_row >= cfg.train.max_nonfinite_in_row:
-                            save("non-finite losses")
+                            save("non-finite losses", promote=False)
                             raise TrainingError(
                                 f"{nonfinite_in_row} non-finite losses in a row at step {step}; stopped with a "
                                 "checkpoint (lower train.lr, check the data, or use float32)"
@@ -360,6 +466,12 @@ class Trainer:
             status, exit_code = "FAILED", 3
             if self.rank == 0:
                 log.error("%s", err)
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        except BaseException:  # a crash (bad shard, OOM, a bug): never reported as FINISHED
+            status = "FAILED"
+            raise
         finally:
             tracker.close(status=status, timeout=cfg.run.tracking_flush_timeout)
         return exit_code

@@ -6,7 +6,8 @@
 
 The configuration is loaded and validated (and the DeepSpeed batch settings checked against the world size)
 before any model is built. Exit codes: 0 finished or stopped on SIGTERM/SIGUSR1 with a checkpoint (resume with
-the same command), 2 bad configuration, 3 stopped by the non-finite-loss guard.
+the same command), 2 bad configuration, data (a shard that does not match its manifest, a bad episode) or
+checkpoint (corrupt, incomplete, unsafe), named in the message, 3 stopped by the non-finite-loss guard.
 """
 
 from __future__ import annotations
@@ -94,12 +95,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch.distributed as dist
 
     configure_logging(dist.get_rank())
+    from data_prep.shards import ShardError
+    from hypertrain.checkpoint import CheckpointError
     from hypertrain.engine import Trainer
 
     try:
         return Trainer(cfg, ds_config).train()
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
+        return 2
+    except (CheckpointError, ShardError) as err:  # bad input, named; nothing was damaged
+        print(f"error: {err}", file=sys.stderr)
         return 2
     finally:
         if dist.is_initialized():

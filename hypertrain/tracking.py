@@ -45,7 +45,17 @@ from hypertrain.config import flatten
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-__all__ = ["Tracker", "default_tags", "flatten_params", "memory_metrics", "model_flops_utilization"]
+__all__ = [
+    "RUN_ID_FILE",
+    "Tracker",
+    "backfill_rows",
+    "default_tags",
+    "flatten_params",
+    "memory_metrics",
+    "model_flops_utilization",
+    "read_run_id",
+    "redact",
+]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +89,15 @@ _PERMANENT_ERRORS = frozenset(
 )
 
 _BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)[^/\s@]+@")
+RUN_ID_FILE = "mlflow_run.json"
+"""Written in the run directory as soon as the MLflow run exists: a restart continues that run even when no
+checkpoint recorded its id (the tracking server was down when the last checkpoint was written)."""
+
+
+def redact(text: str) -> str:
+    """``text`` with the user information of every URL masked (``http://user:secret@host`` → ``http://***@host``)."""
+    return _USERINFO.sub(r"\g<scheme>***@", str(text))
 
 
 def _clean_key(key: str) -> str:
@@ -121,7 +140,12 @@ class Tracker:
     """MLflow logging for one training run; every call is a no-op when ``enabled`` is false (ranks != 0).
 
     ``run_id`` is the resumed run's id from the start, or the new run's id once it exists (``None`` while
-    the tracking backend is unreachable; the tracker keeps trying in the background).
+    the tracking backend is unreachable; the tracker keeps trying in the background). Once the run exists its
+    id is written to ``<run_dir>/mlflow_run.json``.
+
+    ``backfill(after_step)`` returns the ``(step, metrics)`` rows of earlier attempts of this training run that
+    MLflow lacks (steps after ``after_step``, the last step MLflow has): they are sent first. Rows for steps MLflow
+    already has (logged before a crash, computed again after the resume) are not sent twice.
     """
 
     def __init__(
@@ -133,6 +157,7 @@ class Tracker:
         run_name: str | None = None,
         tracking_uri: str | None = None,
         run_id: str | None = None,
+        backfill: Callable[[int], list[tuple[int, dict[str, float]]]] | None = None,
         max_buffer: int = 100_000,
         flush_interval: float = 0.5,
         start_timeout: float = 30.0,
@@ -155,6 +180,8 @@ class Tracker:
         self.warn_interval = warn_interval
 
         self._resume_id = run_id
+        self._backfill = backfill
+        self._logged_through = 0  # metric rows up to this step are in MLflow already (from an earlier attempt)
         self._created = False  # the run exists / was reopened on the backend
         self._cond = threading.Condition()
         self._metrics: collections.deque[tuple[str, float, int, int]] = collections.deque()
@@ -203,7 +230,7 @@ class Tracker:
         if not self._created:
             log.warning(
                 "tracking: no MLflow run at %s yet (backend unreachable or slow); training goes on and the "
-                "tracker keeps retrying in the background", self.tracking_uri,
+                "tracker keeps retrying in the background", redact(self.tracking_uri),
             )
         return self.run_id
 
@@ -334,7 +361,7 @@ class Tracker:
         if self.dropped or self._ops_dropped:
             log.warning(
                 "tracking: %d metric rows and %d other records were not logged to %s (run %s)",
-                self.dropped, self._ops_dropped, self.tracking_uri, self.run_id,
+                self.dropped, self._ops_dropped, redact(self.tracking_uri), self.run_id,
             )
 
     def _atexit(self) -> None:  # the process exits without close(): flush briefly, mark the run FAILED
@@ -346,7 +373,7 @@ class Tracker:
         last, suppressed = self._warned.get(key, (-float("inf"), 0))
         if now - last >= self.warn_interval:
             extra = f" ({suppressed} similar warnings suppressed)" if suppressed else ""
-            log.warning("tracking: %s%s", message, extra)
+            log.warning("tracking: %s%s", redact(message), extra)
             self._warned[key] = (now, 0)
         else:
             self._warned[key] = (last, suppressed + 1)
@@ -381,7 +408,9 @@ class Tracker:
                     delay = 1.0
                 continue
             if self._failures:
-                log.warning("tracking: %s reachable again after %d failed attempts", self.tracking_uri, self._failures)
+                log.warning(
+                    "tracking: %s reachable again after %d failed attempts", redact(self.tracking_uri), self._failures
+                )
                 self._failures = 0
             delay = 0.0
             if self.flush_interval > 0:
@@ -415,7 +444,7 @@ class Tracker:
             except Exception as err:
                 if not _is_permanent(err):
                     raise
-                self._warn(f"op:{what}", f"MLflow rejected {what} ({err}); dropped")
+                self._warn(f"op:{what}", f"MLflow rejected {what} ({err}); dropped")  # _warn redacts
                 with self._cond:
                     self._ops_dropped += 1
             with self._cond:
@@ -430,7 +459,10 @@ class Tracker:
             with self._cond:
                 if not self._inflight:
                     n = min(len(self._metrics), MAX_METRICS_PER_BATCH)
-                    self._inflight = [self._metrics.popleft() for _ in range(n)]
+                    rows = [self._metrics.popleft() for _ in range(n)]
+                    self._inflight = [row for row in rows if row[3] > self._logged_through]
+                    if not self._inflight and self._metrics:
+                        continue
                 batch = self._inflight
             if not batch:
                 return
@@ -456,18 +488,40 @@ class Tracker:
                     raise
                 log.warning(
                     "tracking: cannot resume run %s at %s (%s); starting a new run",
-                    self._resume_id, self.tracking_uri, err,
+                    self._resume_id, redact(self.tracking_uri), redact(str(err)),
                 )
                 self._tags["hypertrain.resumed_from_missing_run"] = self._resume_id
                 self._resume_id = None
             else:
-                self.run_id = self._resume_id
-                self._created = True
-                self._first_attempt.set()
+                self._opened(client, self._resume_id)
                 return
         experiment_id = self._experiment_id(client)
         run = client.create_run(experiment_id, tags=dict(self._tags), run_name=self.run_name)
-        self.run_id = run.info.run_id
+        self._opened(client, run.info.run_id)
+
+    def _opened(self, client: MlflowClient, run_id: str) -> None:
+        """The run exists: remember its id on disk, queue what earlier attempts did not log."""
+        self.run_id = run_id
+        self._resume_id = run_id  # should a call below fail, the retry reopens this run instead of making another
+        try:
+            _write_json_atomic(
+                self.run_dir / RUN_ID_FILE,
+                {"run_id": run_id, "experiment": self.experiment, "tracking_uri": redact(self.tracking_uri)},
+            )
+        except OSError as err:
+            log.warning("tracking: cannot write %s: %s", self.run_dir / RUN_ID_FILE, err)
+        history = client.get_metric_history(run_id, "loss")
+        self._logged_through = max((m.step for m in history), default=0)
+        if self._backfill is not None:
+            rows = self._backfill(self._logged_through)
+            with self._cond:
+                for step, metrics in reversed(rows):  # before anything queued by this attempt
+                    now = int(time.time() * 1000)
+                    for key, value in reversed(list(metrics.items())):
+                        self._metrics.appendleft((_clean_key(key), float(value), now, int(step)))
+            if rows:
+                log.info("tracking: sending %d logged steps that run %s lacks (up to step %d)", len(rows), run_id,
+                         rows[-1][0])
         self._created = True
         self._first_attempt.set()
 
@@ -630,3 +684,47 @@ def model_flops_utilization(
     if step_time <= 0 or world_size < 1 or peak_flops_per_device <= 0:
         return 0.0
     return flops_per_step / step_time / (world_size * peak_flops_per_device)
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_run_id(run_dir: str | Path) -> str | None:
+    """The MLflow run id a tracker recorded in ``run_dir`` (None if none was, or the file is unreadable)."""
+    try:
+        value = json.loads((Path(run_dir) / RUN_ID_FILE).read_text(encoding="utf-8")).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) and value else None
+
+
+def backfill_rows(
+    metrics_file: str | Path, after: int, through: int, log_every: int, last_step: int
+) -> list[tuple[int, dict[str, float]]]:
+    """The rows a training run sent to MLflow for steps ``after < step <= through``, rebuilt from its per-step
+    ``metrics.jsonl``: the mean of each window of ``log_every`` steps (and of the last step's window), logged at the
+    window's last step, as the trainer logs them."""
+    per_step: dict[int, dict[str, float]] = {}
+    try:
+        lines = Path(metrics_file).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        try:
+            row = json.loads(line)
+            step = int(row.pop("step"))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue
+        per_step[step] = row
+    windows: dict[int, list[dict[str, float]]] = {}
+    for step in sorted(per_step):
+        end = min(-(-step // log_every) * log_every, last_step)
+        windows.setdefault(end, []).append(per_step[step])
+    out = []
+    for end, rows in sorted(windows.items()):
+        if after < end <= through and all(r.keys() == rows[0].keys() for r in rows):
+            out.append((end, {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}))
+    return out

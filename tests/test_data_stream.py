@@ -32,7 +32,7 @@ def test_slots_partition_every_pass(sni_train_shards, num_slots):
         for slot in range(num_slots):
             stream = SlotStream(source, slot, num_slots, seed=7, shuffle_buffer=50)
             start = pass_start * stream.samples_per_pass
-            seen.extend(json.loads(p)["id"] for p in islice(stream.iterate(start), stream.samples_per_pass))
+            seen.extend(json.loads(p)["id"] for p, _ in islice(stream.iterate(start), stream.samples_per_pass))
         assert sorted(seen) == all_ids
     assert SlotStream(source, 0, 4, 7, 50).shard_level and not SlotStream(source, 0, 20, 7, 50).shard_level
 
@@ -45,7 +45,7 @@ def test_passes_are_shuffled_differently_and_seeded(sni_train_shards):
     assert sorted(first) == sorted(second) and first != second
     assert list(islice(SlotStream(source, 0, 1, seed=1, shuffle_buffer=200).iterate(0), 50)) == first[:50]
     assert list(islice(SlotStream(source, 0, 1, seed=2, shuffle_buffer=200).iterate(0), 50)) != first[:50]
-    tasks_in_first_batch = {json.loads(p)["task"] for p in first[:32]}
+    tasks_in_first_batch = {json.loads(p)["task"] for p, _ in first[:32]}
     assert len(tasks_in_first_batch) > 2  # the buffer mixes tasks although shards are written task by task
 
 

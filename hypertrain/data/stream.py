@@ -20,10 +20,14 @@ from __future__ import annotations
 import dataclasses
 import random
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from data_prep.shards import ShardError, read_manifest
+from data_prep.shards import ShardError, read_manifest, sha256_file
 from hypertrain.episode import Episode
+
+Payload = tuple[bytes, str]
+"""A sample's raw JSON and where it came from (``<shard>: member <key>.json``), for error messages."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +40,8 @@ class Source:
     """(path, num_samples) per shard, in manifest order."""
     tasks: tuple[str, ...]
     weight: float = 1.0
+    checksums: tuple[tuple[int | None, str], ...] = ()
+    """(bytes, sha256) per shard as the manifest records them (bytes is None in manifests that predate it)."""
 
     @property
     def num_samples(self) -> int:
@@ -46,18 +52,46 @@ def load_source(directory: str | Path, weight: float = 1.0) -> Source:
     """Read a manifest and check that its shards are present and non-empty (``data_prep.verify`` checks hashes)."""
     directory = Path(directory)
     manifest = read_manifest(directory)
-    shards = []
+    shards, checksums = [], []
     for entry in manifest["shards"]:
         path = directory / entry["file"]
         if not path.is_file() or path.stat().st_size == 0:
             raise ShardError(f"{path}: shard listed in {directory / 'manifest.json'} is missing or empty")
         shards.append((str(path), int(entry["num_samples"])))
+        checksums.append((entry.get("bytes"), str(entry["sha256"])))
     if not shards:
         raise ShardError(f"{directory}: manifest lists no shards")
     if weight <= 0:
         raise ValueError(f"{directory}: mixing weight must be > 0, got {weight}")
     name = f"{manifest['source']}/{manifest['split']}:{directory.name}"
-    return Source(name, directory, tuple(shards), tuple(sorted(manifest["tasks"])), weight)
+    return Source(name, directory, tuple(shards), tuple(sorted(manifest["tasks"])), weight, tuple(checksums))
+
+
+def check_shards(sources: Sequence[Source], mode: str, part: int = 0, parts: int = 1) -> list[str]:
+    """Compare shards with their manifests before training: size (``size``) and also sha256 (``sha256``).
+
+    Checks every ``parts``-th shard from ``part`` on (so ranks share the work), several files at once; returns one
+    message per bad shard, naming it. ``mode`` ``none`` checks nothing.
+    """
+    if mode == "none":
+        return []
+    jobs = [
+        (path, size, digest)
+        for source in sources
+        for (path, _), (size, digest) in zip(source.shards, source.checksums, strict=True)
+    ][part::parts]
+
+    def problem(job: tuple[str, int | None, str]) -> str | None:
+        path, size, digest = job
+        actual = Path(path).stat().st_size
+        if size is not None and actual != size:
+            return f"{path}: {actual} bytes, the manifest says {size} (truncated or replaced; re-run the prep)"
+        if mode == "sha256" and sha256_file(path) != digest:
+            return f"{path}: sha256 differs from the manifest (corrupt or modified; re-run the prep)"
+        return None
+
+    with ThreadPoolExecutor(max_workers=min(8, max(1, len(jobs)))) as pool:
+        return [message for message in pool.map(problem, jobs) if message]
 
 
 def task_list(sources: Sequence[Source]) -> list[str]:
@@ -92,20 +126,37 @@ class SlotStream:
         slot = self.slot if self.shard_level or what == "buffer" else "all"
         return random.Random(f"{self.seed}/{self.source.name}/{what}/{slot}/{pass_index}")
 
-    def _pass_payloads(self, pass_index: int) -> Iterator[bytes]:
-        """The raw JSON payloads this slot owns in one pass, in shard-visit order (before the shuffle buffer)."""
+    def _pass_payloads(self, pass_index: int) -> Iterator[Payload]:
+        """The raw JSON payloads this slot owns in one pass, in shard-visit order (before the shuffle buffer),
+        each with the shard and member it came from."""
         import webdataset as wds
 
         shards = list(self.my_shards)
         self._rng("shards", pass_index).shuffle(shards)
-        pipeline = wds.DataPipeline(wds.SimpleShardList([path for path, _ in shards]), wds.tarfile_to_samples())
-        for index, sample in enumerate(pipeline):
-            if self.shard_level or index % self.num_slots == self.slot:
-                yield sample["json"]
+        index = 0
+        for path, _ in shards:
+            members = iter(wds.DataPipeline(wds.SimpleShardList([path]), wds.tarfile_to_samples()))
+            read = 0
+            while True:
+                try:
+                    sample = next(members)
+                except StopIteration:
+                    break
+                except Exception as err:  # truncated or corrupt tar
+                    raise ShardError(
+                        f"{path}: unreadable after {read} members ({type(err).__name__}: {err}); "
+                        "re-run data_prep.verify"
+                    ) from err
+                read += 1
+                if "json" not in sample:
+                    raise ShardError(f"{path}: member {sample.get('__key__')!r} has no .json part (not an episode)")
+                if self.shard_level or index % self.num_slots == self.slot:
+                    yield sample["json"], f"{path}: member {sample['__key__']}.json"
+                index += 1
 
-    def _shuffled_pass(self, pass_index: int) -> Iterator[bytes]:
+    def _shuffled_pass(self, pass_index: int) -> Iterator[Payload]:
         rng = self._rng("buffer", pass_index)
-        buffer: list[bytes] = []
+        buffer: list[Payload] = []
         for payload in self._pass_payloads(pass_index):
             if len(buffer) < self.shuffle_buffer:
                 buffer.append(payload)
@@ -116,8 +167,8 @@ class SlotStream:
         rng.shuffle(buffer)
         yield from buffer
 
-    def iterate(self, start: int = 0) -> Iterator[bytes]:
-        """Payloads from position ``start`` (samples already consumed from this slot's stream) on, forever."""
+    def iterate(self, start: int = 0) -> Iterator[Payload]:
+        """Payloads (with where each came from) from position ``start`` (samples already consumed from this slot's stream) on, forever."""
         pass_index, offset = divmod(start, self.samples_per_pass)
         while True:
             count = 0
@@ -150,7 +201,11 @@ class MixedStream:
             consumed[self._draw(rng, choices)] += 1
         iterators = [stream.iterate(skip) for stream, skip in zip(self.streams, consumed, strict=True)]
         while True:
-            yield Episode.from_json(next(iterators[self._draw(rng, choices)]))
+            payload, where = next(iterators[self._draw(rng, choices)])
+            try:
+                yield Episode.from_json(payload)
+            except (ValueError, TypeError, KeyError) as err:  # bad JSON, missing field: name shard and member
+                raise ShardError(f"{where}: not a valid episode ({err})") from err
 
     def _draw(self, rng: random.Random, choices: range) -> int:
         if len(self.weights) == 1:
