@@ -6,7 +6,7 @@ model is not copied: :func:`load_trained_method` rebuilds it from ``model.name``
 for ``tiny``, its seeded random weights) and loads the trained parameters on top. Nothing is unpickled.
 
 ``load_trained_method`` accepts an export directory, a checkpoint directory (``.../checkpoints/step-00001000``) or
-a run directory (its latest checkpoint).
+a run directory (its latest checkpoint). Every one is verified against its ``checksums.json`` before it is read.
 """
 
 from __future__ import annotations
@@ -14,35 +14,56 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 import yaml
 from safetensors.torch import load_file
 
-from hypertrain.checkpoint import LATEST, STATE_FILE, TRAINABLE_FILE
+from hypertrain.checkpoint import (
+    CHECKSUM_FILE,
+    STATE_FILE,
+    TRAINABLE_FILE,
+    CheckpointError,
+    Checkpoints,
+    read_state,
+    require_verified,
+    write_checksums,
+)
 from hypertrain.config import Config, from_dict
 
+log = logging.getLogger(__name__)
 CONFIG_FILE = "config.yaml"
 TASKS_FILE = "tasks.json"
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """An export or checkpoint directory, or a run directory's latest checkpoint."""
+def resolve_checkpoint(path: str | Path, verify: str = "sha256") -> Path:
+    """An export or checkpoint directory, or a run directory's latest checkpoint, verified against its
+    ``checksums.json`` (a run directory whose ``latest`` is lost or bad gives the newest checkpoint that verifies,
+    with a warning). Raises :class:`~hypertrain.checkpoint.CheckpointError` naming what is wrong."""
     path = Path(path)
-    if (path / TRAINABLE_FILE).is_file():
+    if (path / STATE_FILE).is_file() or (path / CHECKSUM_FILE).is_file():  # a checkpoint, or a checksummed export
+        if verify != "none":  # "none": the caller verified this directory already
+            require_verified(path, verify)
         return path
-    pointer = path / "checkpoints" / LATEST
-    if pointer.is_file():
-        return resolve_checkpoint(path / "checkpoints" / pointer.read_text().strip())
+    if (path / TRAINABLE_FILE).is_file():  # an export written before exports carried checksums
+        return path
+    if (path / "checkpoints").is_dir():
+        found, note = Checkpoints(path, rank=0, keep_last=1, barrier=lambda: None, verify=verify).resume_point()
+        if found is not None:
+            if note:
+                log.warning("%s", note)
+            return found
     raise FileNotFoundError(f"{path}: neither an export, a checkpoint nor a run directory with checkpoints")
 
 
 def read_run_info(path: Path) -> tuple[Config, list[str]]:
     """The configuration and task list stored with a checkpoint or an export."""
     if (path / STATE_FILE).is_file():
-        state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+        state = read_state(path)
         return from_dict(Config, state["config"]), list(state["tasks"])
     config = yaml.safe_load((path / CONFIG_FILE).read_text(encoding="utf-8"))
     tasks = json.loads((path / TASKS_FILE).read_text(encoding="utf-8"))
@@ -58,19 +79,26 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
     shutil.copyfile(source / TRAINABLE_FILE, out / TRAINABLE_FILE)
     (out / CONFIG_FILE).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), encoding="utf-8")
     (out / TASKS_FILE).write_text(json.dumps(tasks, indent=1) + "\n", encoding="utf-8")
+    write_checksums(out)
+    require_verified(out)  # the copy is what the checkpoint held
     return out
 
 
-def load_trained_method(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config, list[str]]:
+def load_trained_method(
+    path: str | Path, device: str | torch.device = "cpu", verify: str = "sha256"
+) -> tuple[torch.nn.Module, Config, list[str]]:
     """Rebuild the method of a checkpoint or export and load its trained parameters (eval mode)."""
     from hypertrain.models.build import build_method
 
-    source = resolve_checkpoint(path)
+    source = resolve_checkpoint(path, verify)
     cfg, tasks = read_run_info(source)
     if cfg.method == "pha" and not cfg.pha.tasks:
         cfg.pha.tasks = tasks
     method = build_method(cfg, device)
-    weights = load_file(str(source / TRAINABLE_FILE), device=str(device))
+    try:
+        weights = load_file(str(source / TRAINABLE_FILE), device=str(device))
+    except Exception as err:  # safetensors' own messages do not name the file
+        raise CheckpointError(f"{source / TRAINABLE_FILE}: unreadable ({err})") from err
     trainable = {name for name, param in method.named_parameters() if param.requires_grad}
     missing = sorted(trainable - set(weights))
     unexpected = sorted(set(weights) - trainable)
@@ -92,7 +120,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    out = export(args.checkpoint, args.out)
+    try:
+        out = export(args.checkpoint, args.out)
+    except (CheckpointError, FileNotFoundError) as err:
+        print(f"export failed: {err}", file=sys.stderr)
+        return 2
     size = (out / TRAINABLE_FILE).stat().st_size / 2**20
-    print(f"exported {resolve_checkpoint(args.checkpoint)} to {out} ({size:.1f} MiB of trained weights)")
+    print(f"exported {args.checkpoint} to {out} ({size:.1f} MiB of trained weights, verified)")
     return 0

@@ -39,3 +39,14 @@ def sni_train_shards(sni_sample, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sni_train")
     prepare(SNIPrepConfig(src=str(sni_sample), out=str(out), split="train", shard_max_samples=100))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_data(sni_sample, tmp_path_factory) -> Path:
+    """8 real S-NI episodes (4 test tasks x 2): one global batch of 8, seen again every step (trainer tests)."""
+    from data_prep.sni import prepare
+    from hypertrain.config import SNIPrepConfig
+
+    out = tmp_path_factory.mktemp("tiny_data")
+    prepare(SNIPrepConfig(src=str(sni_sample), out=str(out), split="test", max_instances_per_task=2))
+    return out

@@ -16,9 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.sni import prepare
-from hypertrain.config import SNIPrepConfig
-
 REPO = Path(__file__).resolve().parents[1]
 DEEPSPEED = Path(sys.executable).with_name("deepspeed")
 
@@ -27,14 +24,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_data(sni_sample, tmp_path_factory) -> Path:
-    """8 real S-NI episodes (4 test tasks x 2): one global batch of 8, seen again every step."""
-    out = tmp_path_factory.mktemp("tiny_data")
-    prepare(SNIPrepConfig(src=str(sni_sample), out=str(out), split="test", max_instances_per_task=2))
-    return out
 
 
 def launch(run_dir: Path, data: Path, *overrides: str, ds_config: str = "zero2.json", ranks: int = 2,

@@ -9,6 +9,9 @@ import torch
 from hypertrain.episode import Episode
 
 IGNORE_INDEX = -100
+CHARS_PER_TOKEN_BOUND = 32
+"""Characters kept per token of the limit before tokenizing (a T5 SentencePiece token rarely spans 16; a byte
+token spans at most one)."""
 
 
 class EpisodeCollator:
@@ -37,8 +40,20 @@ class EpisodeCollator:
         self.pad_to_max = pad_to_max
 
     def _encode(self, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
+        # Tokenizing a 5 MB input in full to keep its first few hundred tokens takes seconds: cut the text first,
+        # keeping far more characters than max_length tokens can cover. Should a cut text still give fewer tokens
+        # than the limit (pathological whitespace runs), the batch is encoded again from the full texts.
+        limit = max_length * CHARS_PER_TOKEN_BOUND
+        clipped = [text[:limit] for text in texts]
+        encoded = self._tokenize(clipped, max_length)
+        cut = [len(text) > limit for text in texts]
+        if any(cut) and any(c and int(n) < max_length for c, n in zip(cut, encoded["attention_mask"].sum(1), strict=True)):
+            encoded = self._tokenize(list(texts), max_length)
+        return encoded
+
+    def _tokenize(self, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
         return self.tokenizer(
-            list(texts),
+            texts,
             max_length=max_length,
             truncation=True,
             padding="max_length" if self.pad_to_max else "longest",

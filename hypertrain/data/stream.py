@@ -134,7 +134,7 @@ class SlotStream:
         shards = list(self.my_shards)
         self._rng("shards", pass_index).shuffle(shards)
         index = 0
-        for path, _ in shards:
+        for path, expected in shards:
             members = iter(wds.DataPipeline(wds.SimpleShardList([path]), wds.tarfile_to_samples()))
             read = 0
             while True:
@@ -153,6 +153,11 @@ class SlotStream:
                 if self.shard_level or index % self.num_slots == self.slot:
                     yield sample["json"], f"{path}: member {sample['__key__']}.json"
                 index += 1
+            if read != expected:  # a truncated tar ends early without an error; an extra member reads fine
+                raise ShardError(
+                    f"{path}: holds {read} episodes, the manifest says {expected} (truncated or modified; "
+                    "re-run data_prep.verify)"
+                )
 
     def _shuffled_pass(self, pass_index: int) -> Iterator[Payload]:
         rng = self._rng("buffer", pass_index)

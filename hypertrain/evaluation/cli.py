@@ -77,6 +77,7 @@ def _run(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
 
+    from hypertrain.checkpoint import CheckpointError
     from hypertrain.evaluation.data import EvalError
     from hypertrain.evaluation.runner import cached_eval_sets, evaluate, report
     from hypertrain.export import load_trained_method, resolve_checkpoint
@@ -85,9 +86,10 @@ def _run(args: argparse.Namespace) -> int:
     kind = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     rank, world_size, device, created = _setup_distributed(kind)
     tracker = None
+    status = "FINISHED"
     try:
         source = resolve_checkpoint(args.checkpoint)
-        method, cfg, _tasks = load_trained_method(source, device)
+        method, cfg, _tasks = load_trained_method(source, device, verify="none")  # resolve_checkpoint verified it
         overrides = {name: getattr(args, name) for name in OPTIONS if getattr(args, name) is not None}
         if args.data:
             overrides["data"] = list(args.data)
@@ -119,11 +121,15 @@ def _run(args: argparse.Namespace) -> int:
                 print(f"{result.name}: {headline}  ({m['num_examples']} examples)")
             print(f"wrote {out}")
         return 0
-    except (ConfigError, EvalError, FileNotFoundError) as err:
+    except (ConfigError, EvalError, FileNotFoundError, CheckpointError) as err:
+        status = "FAILED"
         print(f"hypertrain eval: {err}", file=sys.stderr)
         return 2
+    except BaseException:
+        status = "FAILED"
+        raise
     finally:
         if tracker is not None:
-            tracker.close()
+            tracker.close(status=status)
         if created:
             dist.destroy_process_group()

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from hypertrain.episode import Episode
 from hypertrain.evaluation.metrics import category_key
+from hypertrain.names import safe_filename
 
 Kind = Literal["generation", "multiple_choice"]
 LANGUAGE_FIELDS = ("Input_language", "Output_language", "Instruction_language")
@@ -113,7 +114,8 @@ def load_eval_set(directory: str | Path, max_examples_per_task: int = 0, name: s
             groups[task] = category_key(categories[0]) if categories else "uncategorized"
         else:
             groups[task] = (subsets.get(task) or {}).get("dataset") or (categories[0] if categories else task)
-    return EvalSet(name or source or directory.name, kind, directory, episodes, groups)
+    # the name becomes file names under --out: a manifest's "source" must not point anywhere else
+    return EvalSet(safe_filename(name or source or directory.name), kind, directory, episodes, groups)
 
 
 def load_eval_sets(directories: Sequence[str | Path], max_examples_per_task: int = 0) -> list[EvalSet]:
@@ -124,7 +126,7 @@ def load_eval_sets(directories: Sequence[str | Path], max_examples_per_task: int
         counts[s.name] = counts.get(s.name, 0) + 1
     for s in sets:
         if counts[s.name] > 1:
-            s.name = f"{s.name}_{s.directory.name}"
+            s.name = safe_filename(f"{s.name}_{s.directory.name}")
     names = [s.name for s in sets]
     if len(set(names)) != len(names):
         raise EvalError(f"evaluation sets need distinct names, got {names}")
