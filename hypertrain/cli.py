@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "demo": "hypertrain.demo",
     "compare": "hypertrain.compare",
     "eval": "hypertrain.evaluation.cli",
+    "stop": "hypertrain.stop",
 }
 
 

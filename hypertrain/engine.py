@@ -41,6 +41,7 @@ from hypertrain.data.stream import check_shards, load_source, task_list
 from hypertrain.ds_config import zero_stage
 from hypertrain.evaluation.runner import evaluate_in_training
 from hypertrain.flops import peak_flops
+from hypertrain.stop import STOP_FILE, clear_stop, stop_requested
 
 log = logging.getLogger("hypertrain")
 METRICS_FILE = "metrics.jsonl"
@@ -321,6 +322,9 @@ class Trainer:
         metrics_file = self.run_dir / METRICS_FILE
         if self.rank == 0:
             keep_metrics_through(metrics_file, step)  # steps after the checkpoint are computed (and logged) again
+        if self.rank == 0 and stop_requested(self.run_dir):
+            log.warning("ignoring %s, left from before this job started", self.run_dir / STOP_FILE)
+            clear_stop(self.run_dir)
         tracker = self._tracker(run_id, step)
         params = flatten(dataclasses.asdict(cfg))
         params["model.trainable_parameters"] = self.trainable_parameters
@@ -398,7 +402,8 @@ class Trainer:
                     batches_done += 1
                     out = engine(batch)
                     finite = bool(torch.isfinite(out.loss.detach()).item())
-                    flags = torch.tensor([0.0 if finite else 1.0, 1.0 if self.stop.signal_name else 0.0])
+                    asked = self.stop.signal_name or (self.rank == 0 and stop_requested(self.run_dir))
+                    flags = torch.tensor([0.0 if finite else 1.0, 1.0 if asked else 0.0])
                     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
                     if flags[0] > 0:  # some rank got NaN/inf: every rank skips this micro-batch
                         nonfinite_in_row += 1
@@ -451,7 +456,14 @@ class Trainer:
                         log.info("step %d loss %.4f lr %.2e %.1f samples/s", step, row["loss"], row["lr"], row["samples_per_s"])
                         window = []
                 if self.stop.signal_name or flags[1] > 0:
-                    save(f"signal {self.stop.signal_name or 'on another rank'}")
+                    requested = self.rank == 0 and stop_requested(self.run_dir)
+                    if self.stop.signal_name:
+                        reason = f"signal {self.stop.signal_name}"
+                    else:  # rank 0 writes the state: its own view, or another rank's signal
+                        reason = "stop request" if requested else "signal on another rank"
+                    save(reason)
+                    if requested:
+                        clear_stop(self.run_dir)
                     status = "KILLED"
                     if self.rank == 0:
                         log.info("stopping at step %d on request; resume with the same command", step)

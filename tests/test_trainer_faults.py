@@ -102,3 +102,48 @@ def test_a_backend_down_at_start_still_gives_one_run_with_every_step(tiny_data, 
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")] == list(range(1, 7))
     assert json.loads((run_dir / "mlflow_run.json").read_text())["run_id"] == runs[0].info.run_id
+
+
+def _wait_steps(run_dir: Path, count: int, process) -> None:
+    from tests.test_trainer import wait_for
+
+    wait_for(lambda: (run_dir / "metrics.jsonl").exists() and len(metrics(run_dir)) >= count, 240,
+             f"{count} steps", process, run_dir)
+
+
+def test_sigterm_to_the_node_launcher_ends_in_a_checkpoint_with_workers_alive(tiny_data, tmp_path):
+    # DeepSpeed's per-node launcher terminates every process under it, loader workers included: the workers leave
+    # the signal to their rank, which finishes its step and checkpoints inside the launcher's 30 s grace period.
+    import psutil
+
+    run_dir = tmp_path / "run"
+    process = launch(run_dir, tiny_data, "train.total_steps=100000", "run.checkpoint_every=100000",
+                     "data.num_workers=2")
+    _wait_steps(run_dir, 3, process)
+    (node_launcher,) = [p for p in psutil.Process(process.pid).children(recursive=True)
+                        if "deepspeed.launcher.launch" in " ".join(p.cmdline())]
+    node_launcher.terminate()
+    code = finish(process, run_dir, timeout=120)
+    assert code == 1  # DeepSpeed's launcher exits 1 after forwarding a SIGTERM, whatever the ranks did (docs)
+    log = log_tail(run_dir, 400)
+    assert "killed by signal" not in log, log
+    tag = latest_tag(run_dir)
+    state = json.loads((run_dir / "checkpoints" / tag / "hypertrain_state.json").read_text())
+    assert state["reason"] == "signal SIGTERM" and state["step"] == max(metrics(run_dir))
+    _, runs = mlflow_runs(sqlite_uri(run_dir))
+    assert runs[0].info.status == "KILLED"
+
+
+def test_hypertrain_stop_checkpoints_and_every_launcher_exits_zero(tiny_data, tmp_path):
+    from hypertrain.stop import STOP_FILE, request_stop
+
+    run_dir = tmp_path / "run"
+    process = launch(run_dir, tiny_data, "train.total_steps=100000", "run.checkpoint_every=100000")
+    _wait_steps(run_dir, 3, process)
+    request_stop(run_dir)
+    assert finish(process, run_dir, timeout=120) == 0, log_tail(run_dir)
+    state = json.loads((run_dir / "checkpoints" / latest_tag(run_dir) / "hypertrain_state.json").read_text())
+    assert state["reason"] == "stop request" and state["step"] == max(metrics(run_dir))
+    assert not (run_dir / STOP_FILE).exists()  # resuming is the same command, and does not stop at once
+    _, runs = mlflow_runs(sqlite_uri(run_dir))
+    assert runs[0].info.status == "KILLED"

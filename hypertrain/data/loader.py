@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
 
@@ -66,4 +67,13 @@ def build_loader(dataset: EpisodeBatches, pin_memory: bool = False) -> DataLoade
         pin_memory=pin_memory,
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
+        worker_init_fn=ignore_stop_signals,
     )
+
+
+def ignore_stop_signals(_worker_id: int) -> None:
+    """Loader workers leave stop signals to their rank: a launcher or ``scancel`` that signals the whole process
+    tree would otherwise kill them first, and the rank would crash instead of finishing its step and
+    checkpointing. Workers end with their rank (the DataLoader shuts them down; they exit if it dies)."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
