@@ -229,7 +229,7 @@ def run_prep_for(
     """:func:`run_prep` with the options every prep config shares (``split``, ``out``, ``workers``, job-array
     piece, shard limits); the manifest records the options, less where and how the work ran."""
     options = dataclasses.asdict(cfg)
-    for key in ("workers", "src", "out"):  # where and how the work ran does not change the output
+    for key in ("workers", "src", "out", "verify"):  # where and how the work ran does not change the output
         options.pop(key)
     return run_prep(
         source=source,
@@ -245,6 +245,7 @@ def run_prep_for(
         shard_max_bytes=cfg.shard_max_bytes,
         dropped_tasks=dropped_tasks,
         filters=filters,
+        verify_output=cfg.verify,
     )
 
 
@@ -257,6 +258,8 @@ def add_run_options(parser: argparse.ArgumentParser, defaults: Any, unit: str) -
     add("--num-jobs", type=int, default=defaults.num_jobs, help="pieces of a job array (then run data_prep.merge)")
     add("--job-index", type=int, default=defaults.job_index, help="this piece (e.g. $SLURM_ARRAY_TASK_ID)")
     add("--skip-bad", action="store_true", help=f"skip and count bad {unit}s/records instead of stopping")
+    add("--no-verify", dest="verify", action="store_false",
+        help="swap the new output in without re-reading it first (data_prep.verify's checks; default: verify)")
 
 
 def summarize(manifest: Mapping[str, Any], out_dir: str | Path) -> str:

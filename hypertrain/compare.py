@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from hypertrain.tracking import redact
+
 DEFAULT_METRICS = ("eval/*/rougeL", "eval/*/exact_match", "eval/*/accuracy", "eval/*/dataset_median_average",
                    "eval/*/category/*/rougeL", "eval/*/dataset/*/median")
 """Eval metrics shown when ``--metric`` is not given (globs; those a run did not log are left out)."""
@@ -146,15 +148,19 @@ def load_runs(
                 found = client.get_experiment_by_name(experiment)
                 if found is None:
                     names = sorted(e.name for e in client.search_experiments())
-                    raise CompareError(f"no experiment {experiment!r} in {tracking_uri} (experiments: {', '.join(names) or 'none'})")
+                    raise CompareError(
+                        f"no experiment {experiment!r} in {redact(tracking_uri)} (experiments: {', '.join(names) or 'none'})"
+                    )
                 ids = [found.experiment_id]
             else:
                 ids = [e.experiment_id for e in client.search_experiments()]
             runs = client.search_runs(ids, max_results=max_runs, order_by=["attributes.start_time DESC"]) if ids else []
     except MlflowException as err:
-        raise CompareError(f"MLflow could not read {tracking_uri}: {err.message}") from err
+        raise CompareError(f"MLflow could not read {redact(tracking_uri)}: {redact(err.message)}") from err
     if not runs:
-        raise CompareError(f"no runs found in {tracking_uri}" + (f" (experiment {experiment!r})" if experiment else ""))
+        raise CompareError(
+            f"no runs found in {redact(tracking_uri)}" + (f" (experiment {experiment!r})" if experiment else "")
+        )
     runs = sorted(runs, key=lambda r: r.info.start_time or 0)
     from tqdm import tqdm
 
