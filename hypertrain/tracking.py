@@ -40,6 +40,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from data_prep.shards import write_json_atomic
 from hypertrain.config import flatten
 
 if TYPE_CHECKING:
@@ -181,7 +182,7 @@ class Tracker:
 
         self._resume_id = run_id
         self._backfill = backfill
-        self._logged_through = 0  # metric rows up to this step are in MLflow already (from an earlier attempt)
+        self._logged_through = -1  # metric rows up to this step are in MLflow already (from an earlier attempt)
         self._created = False  # the run exists / was reopened on the backend
         self._cond = threading.Condition()
         self._metrics: collections.deque[tuple[str, float, int, int]] = collections.deque()
@@ -504,14 +505,14 @@ class Tracker:
         self.run_id = run_id
         self._resume_id = run_id  # should a call below fail, the retry reopens this run instead of making another
         try:
-            _write_json_atomic(
+            write_json_atomic(
                 self.run_dir / RUN_ID_FILE,
                 {"run_id": run_id, "experiment": self.experiment, "tracking_uri": redact(self.tracking_uri)},
             )
         except OSError as err:
             log.warning("tracking: cannot write %s: %s", self.run_dir / RUN_ID_FILE, err)
         history = client.get_metric_history(run_id, "loss")
-        self._logged_through = max((m.step for m in history), default=0)
+        self._logged_through = max((m.step for m in history), default=-1)
         if self._backfill is not None:
             rows = self._backfill(self._logged_through)
             with self._cond:
@@ -684,12 +685,6 @@ def model_flops_utilization(
     if step_time <= 0 or world_size < 1 or peak_flops_per_device <= 0:
         return 0.0
     return flops_per_step / step_time / (world_size * peak_flops_per_device)
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def read_run_id(run_dir: str | Path) -> str | None:
