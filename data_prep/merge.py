@@ -21,7 +21,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("dir", metavar="DIR", help="output directory of the job array")
     parser.add_argument("--keep-parts", action="store_true", help="keep manifest.part-*.json after merging")
     parser.add_argument("--no-verify", dest="verify", action="store_false",
-                        help="swap the merged output in without re-reading it first (default: verify)")
+                        help="swap the merged output in without checking its files first (default: check)")
     args = parser.parse_args(argv)
     try:
         manifest = merge_manifests(args.dir, remove_parts=not args.keep_parts, verify_output=args.verify)

@@ -163,7 +163,7 @@ def run_prep(
         write_json_atomic(staging / manifest_filename(num_jobs, job_index), manifest)
         if num_jobs == 1:
             if verify_output:
-                verify(staging)
+                verify(staging, members=False)
             commit(staging, out_dir)
     except BaseException:
         if num_jobs == 1:
@@ -259,7 +259,7 @@ def add_run_options(parser: argparse.ArgumentParser, defaults: Any, unit: str) -
     add("--job-index", type=int, default=defaults.job_index, help="this piece (e.g. $SLURM_ARRAY_TASK_ID)")
     add("--skip-bad", action="store_true", help=f"skip and count bad {unit}s/records instead of stopping")
     add("--no-verify", dest="verify", action="store_false",
-        help="swap the new output in without re-reading it first (data_prep.verify's checks; default: verify)")
+        help="swap the new output in without checking its files first (size, sha256; default: check)")
 
 
 def summarize(manifest: Mapping[str, Any], out_dir: str | Path) -> str:

@@ -286,7 +286,7 @@ def merge_manifests(out_dir: str | Path, remove_parts: bool = True, verify_outpu
     manifest["merged_from"] = num_jobs
     write_json_atomic(staged / MANIFEST_NAME, manifest)
     if verify_output:
-        verify(staged)
+        verify(staged, members=False)
     if remove_parts:
         for path in parts.values():
             path.unlink()
@@ -340,12 +340,14 @@ def read_episodes(out_dir: str | Path) -> list[Episode]:
     return episodes
 
 
-def verify(out_dir: str | Path) -> dict[str, Any]:
+def verify(out_dir: str | Path, members: bool = True) -> dict[str, Any]:
     """Re-read every shard of ``out_dir`` and check it against the manifest; raise ShardError on a mismatch.
 
-    Checks: each listed shard exists, its sha256 matches, it reads to the end as a tar (truncation is caught),
+    Checks: each listed shard exists with its size and sha256, it reads to the end as a tar (truncation is caught),
     every member is ``<key>.json`` holding a valid episode, per-shard and total sample counts match, and
-    the per-task counts match the episodes found.
+    the per-task counts match the episodes found. ``members=False`` checks the files only (presence, size,
+    sha256): what a prep job checks before it swaps its output in, since its writer counted and hashed those very
+    bytes (reading the tars back would cost about as much as the prep itself).
     """
     out_dir = Path(out_dir)
     manifest = read_manifest(out_dir)
@@ -353,33 +355,45 @@ def verify(out_dir: str | Path) -> dict[str, Any]:
     total = 0
     for shard in manifest["shards"]:
         path = out_dir / shard["file"]
-        if not path.is_file():
-            raise ShardError(f"{path}: shard listed in the manifest is missing")
-        size = path.stat().st_size
-        if "bytes" in shard and size != shard["bytes"]:
-            raise ShardError(f"{path}: {size} bytes, the manifest says {shard['bytes']} (truncated or replaced)")
-        digest = sha256_file(path)
-        if digest != shard["sha256"]:
-            raise ShardError(f"{path}: sha256 {digest[:12]}… does not match the manifest's {shard['sha256'][:12]}…")
-        count = 0
-        try:
-            for name, payload in _iter_members(path):
-                if not name.endswith(".json"):
-                    raise ShardError(f"{path}: unexpected member {name} (episodes are <key>.json)")
-                try:
-                    episode = Episode.from_json(payload)
-                except ValueError as err:
-                    raise ShardError(f"{path}: member {name} is not a valid episode: {err}") from err
-                task_counts[episode.task] += 1
-                count += 1
-        except (tarfile.TarError, EOFError, OSError) as err:
-            raise ShardError(f"{path}: unreadable or truncated tar ({err})") from err
-        if count != shard["num_samples"]:
-            raise ShardError(f"{path}: holds {count} samples, manifest says {shard['num_samples']}")
-        total += count
+        _check_shard_file(path, shard)
+        if members:
+            total += _check_members(path, shard, task_counts)
+    if not members:
+        return {"shards": len(manifest["shards"]), "num_samples": manifest["num_samples"], "tasks": len(manifest["tasks"])}
     if total != manifest["num_samples"]:
         raise ShardError(f"{out_dir}: shards hold {total} samples, manifest says {manifest['num_samples']}")
     if dict(task_counts) != manifest["tasks"]:
         diff = {t for t in set(task_counts) | set(manifest["tasks"]) if task_counts[t] != manifest["tasks"].get(t)}
         raise ShardError(f"{out_dir}: per-task counts differ from the manifest for {sorted(diff)[:5]}")
     return {"shards": len(manifest["shards"]), "num_samples": total, "tasks": len(task_counts)}
+
+
+def _check_shard_file(path: Path, shard: Mapping[str, Any]) -> None:
+    if not path.is_file():
+        raise ShardError(f"{path}: shard listed in the manifest is missing")
+    size = path.stat().st_size
+    if "bytes" in shard and size != shard["bytes"]:
+        raise ShardError(f"{path}: {size} bytes, the manifest says {shard['bytes']} (truncated or replaced)")
+    digest = sha256_file(path)
+    if digest != shard["sha256"]:
+        raise ShardError(f"{path}: sha256 {digest[:12]}… does not match the manifest's {shard['sha256'][:12]}…")
+
+
+def _check_members(path: Path, shard: Mapping[str, Any], task_counts: Counter[str]) -> int:
+    """Read a shard's members as episodes (counted per task into ``task_counts``); returns how many."""
+    count = 0
+    try:
+        for name, payload in _iter_members(path):
+            if not name.endswith(".json"):
+                raise ShardError(f"{path}: unexpected member {name} (episodes are <key>.json)")
+            try:
+                episode = Episode.from_json(payload)
+            except ValueError as err:
+                raise ShardError(f"{path}: member {name} is not a valid episode: {err}") from err
+            task_counts[episode.task] += 1
+            count += 1
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise ShardError(f"{path}: unreadable or truncated tar ({err})") from err
+    if count != shard["num_samples"]:
+        raise ShardError(f"{path}: holds {count} samples, manifest says {shard['num_samples']}")
+    return count

@@ -66,7 +66,7 @@ class SNIPrepConfig:
     skip_bad: bool = False
     """Skip and count bad tasks/instances instead of stopping with an error."""
     verify: bool = True
-    """Re-read and check the output (``data_prep.verify``) before it replaces ``out``."""
+    """Check the output's files (presence, size, sha256) before it replaces ``out``."""
     allow_missing_tasks: bool = True
     """Task names listed in the split files but absent from ``tasks/`` are dropped and counted."""
 
@@ -110,7 +110,7 @@ class P3PrepConfig:
     skip_bad: bool = False
     """Skip and count bad subsets/examples instead of stopping with an error."""
     verify: bool = True
-    """Re-read and check the output (``data_prep.verify``) before it replaces ``out``."""
+    """Check the output's files (presence, size, sha256) before it replaces ``out``."""
 
     def __post_init__(self) -> None:
         _at_least(self, "p3_prep", ("shots", "shard_max_samples", "shard_max_bytes", "workers", "num_jobs"), 1)
