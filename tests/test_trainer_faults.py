@@ -135,12 +135,14 @@ def test_sigterm_to_the_node_launcher_ends_in_a_checkpoint_with_workers_alive(ti
 
 
 def test_hypertrain_stop_checkpoints_and_every_launcher_exits_zero(tiny_data, tmp_path):
-    from hypertrain.stop import STOP_FILE, request_stop
+    from hypertrain.cli import main as cli_main
+    from hypertrain.stop import STOP_FILE
 
+    assert cli_main(["stop", str(tmp_path)]) == 2  # not a run directory
     run_dir = tmp_path / "run"
     process = launch(run_dir, tiny_data, "train.total_steps=100000", "run.checkpoint_every=100000")
     _wait_steps(run_dir, 3, process)
-    request_stop(run_dir)
+    assert cli_main(["stop", str(run_dir)]) == 0
     assert finish(process, run_dir, timeout=120) == 0, log_tail(run_dir)
     state = json.loads((run_dir / "checkpoints" / latest_tag(run_dir) / "hypertrain_state.json").read_text())
     assert state["reason"] == "stop request" and state["step"] == max(metrics(run_dir))
