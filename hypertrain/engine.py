@@ -283,6 +283,9 @@ class Trainer:
     # the loop -------------------------------------------------------------------------------------------
     def train(self) -> int:
         cfg = self.cfg
+        if self.rank == 0 and stop_requested(self.run_dir):  # a request made while this job was building counts
+            log.warning("ignoring %s, left from before this job started", self.run_dir / STOP_FILE)
+            clear_stop(self.run_dir)
         sources = self._sources()
         self._check_shards(sources)
         tasks = task_list(sources)
@@ -322,9 +325,6 @@ class Trainer:
         metrics_file = self.run_dir / METRICS_FILE
         if self.rank == 0:
             keep_metrics_through(metrics_file, step)  # steps after the checkpoint are computed (and logged) again
-        if self.rank == 0 and stop_requested(self.run_dir):
-            log.warning("ignoring %s, left from before this job started", self.run_dir / STOP_FILE)
-            clear_stop(self.run_dir)
         tracker = self._tracker(run_id, step)
         params = flatten(dataclasses.asdict(cfg))
         params["model.trainable_parameters"] = self.trainable_parameters

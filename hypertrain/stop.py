@@ -19,8 +19,8 @@ STOP_FILE = "stop-request"
 def request_stop(run_dir: str | Path) -> Path:
     """Write the stop request of ``run_dir`` (atomically); returns its path."""
     run_dir = Path(run_dir)
-    if not (run_dir / "checkpoints").is_dir() and not (run_dir / "metrics.jsonl").is_file():
-        raise FileNotFoundError(f"{run_dir}: not a training run directory (no checkpoints/ or metrics.jsonl)")
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such run directory")
     path = run_dir / STOP_FILE
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ\n", time.gmtime()), encoding="utf-8")

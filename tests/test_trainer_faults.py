@@ -138,7 +138,7 @@ def test_hypertrain_stop_checkpoints_and_every_launcher_exits_zero(tiny_data, tm
     from hypertrain.cli import main as cli_main
     from hypertrain.stop import STOP_FILE
 
-    assert cli_main(["stop", str(tmp_path)]) == 2  # not a run directory
+    assert cli_main(["stop", str(tmp_path / "nowhere")]) == 2
     run_dir = tmp_path / "run"
     process = launch(run_dir, tiny_data, "train.total_steps=100000", "run.checkpoint_every=100000")
     _wait_steps(run_dir, 3, process)
