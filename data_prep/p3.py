@@ -101,14 +101,11 @@ class _Skip(Exception):
         self.reason = reason
 
 
-def _bad(cfg: P3PrepConfig, skipped: Counter[str], reason: str, message: str) -> None:
+def _bad(cfg: P3PrepConfig, skipped: SkipLog, reason: str, message: str) -> None:
     """Bad example or row: an error, or with ``--skip-bad`` one more count under ``reason``."""
     if not cfg.skip_bad:
         raise PrepError(f"{message} (use --skip-bad to skip and count it)")
-    if isinstance(skipped, SkipLog):
-        skipped.note(reason, error=message)
-    else:
-        skipped[reason] += 1
+    skipped.note(reason, error=message)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +158,7 @@ def regroup_score_eval(
     split: SplitFiles,
     rows: Mapping[int, dict[str, Any]],
     cfg: P3PrepConfig,
-    skipped: Counter[str],
+    skipped: SkipLog,
     prefix: str = "",
 ) -> list[Choices]:
     """Group ``_score_eval`` rows (one per example and choice) by ``idx[0]`` into questions, in example order.
@@ -203,7 +200,7 @@ def regroup_score_eval(
 
 
 def answer_choice_questions(
-    split: SplitFiles, rows: Mapping[int, dict[str, Any]], cfg: P3PrepConfig, skipped: Counter[str]
+    split: SplitFiles, rows: Mapping[int, dict[str, Any]], cfg: P3PrepConfig, skipped: SkipLog
 ) -> list[Choices]:
     """One question per row of a subset with ``answer_choices``; the label is the choice equal to the target."""
     questions = []
@@ -248,14 +245,14 @@ def _require_text(split: SplitFiles) -> None:
 # ----- training -----
 
 
-def train_episodes(unit: Unit, cfg: P3PrepConfig) -> tuple[list[Episode], dict[str, Any], Counter[str]]:
+def train_episodes(unit: Unit, cfg: P3PrepConfig) -> tuple[list[Episode], dict[str, Any], SkipLog]:
     """MetaICL-style episodes of one training subset: each kept row with K other rows as demonstrations."""
     subset = unit.subset
     split = subset.splits.get("train")
     if split is None:
         raise _Skip("task:no_train_split", f"{subset.path}: no train split (has {sorted(subset.splits)})")
     _require_text(split)
-    skipped: Counter[str] = SkipLog()
+    skipped = SkipLog()
     keep: Sequence[int] | None = None  # all rows
     num_rows = None
     if unit.cap is not None:
@@ -337,7 +334,7 @@ def _demo_split(subset: Subset, cfg: P3PrepConfig) -> SplitFiles:
 
 
 def fixed_demonstrations(
-    subset: Subset, cfg: P3PrepConfig, skipped: Counter[str]
+    subset: Subset, cfg: P3PrepConfig, skipped: SkipLog
 ) -> tuple[list[tuple[str, str]], dict[str, Any]]:
     """One seeded set of K demonstrations for all evaluation episodes of ``subset`` (HART's protocol).
 
@@ -392,7 +389,7 @@ def fixed_demonstrations(
     return chosen, {"demo_split": split.split, f"demo_{kind}": chosen_ids}
 
 
-def eval_episodes(unit: Unit, cfg: P3PrepConfig) -> tuple[list[Episode], dict[str, Any], Counter[str]]:
+def eval_episodes(unit: Unit, cfg: P3PrepConfig) -> tuple[list[Episode], dict[str, Any], SkipLog]:
     """Multiple-choice episodes of one evaluation subset, all sharing one fixed demonstration set."""
     subset = unit.subset
     split = subset.splits.get(cfg.eval_split)
@@ -401,7 +398,7 @@ def eval_episodes(unit: Unit, cfg: P3PrepConfig) -> tuple[list[Episode], dict[st
             "task:no_eval_split", f"{subset.path}: no {cfg.eval_split!r} split (has {sorted(subset.splits)})"
         )
     _require_text(split)
-    skipped: Counter[str] = SkipLog()
+    skipped = SkipLog()
     columns = _text_columns(cfg)
     if _is_score_eval(split):
         kind = "score_eval"
@@ -476,7 +473,7 @@ def subset_episodes(unit: Unit, cfg: P3PrepConfig) -> UnitResult:
     facts.update(more, episodes=len(episodes))
     if skipped:
         facts["skipped"] = dict(sorted(skipped.items()))
-    for record in getattr(skipped, "records", []):
+    for record in skipped.records:
         record.update(task=subset.folder, error=_relative(record["error"], subset))
     return UnitResult(
         subset.folder,

@@ -70,11 +70,10 @@ class SkippedRecords:
         self.records: list[dict[str, Any]] = []
         self.unlisted = 0
 
-    def add(self, skipped: Counter[str]) -> None:
-        records = getattr(skipped, "records", [])
+    def add(self, skipped: SkipLog) -> None:
         room = max(0, self.limit - len(self.records))
-        self.records.extend(records[:room])
-        self.unlisted += sum(skipped.values()) - min(room, len(records))
+        self.records.extend(skipped.records[:room])
+        self.unlisted += len(skipped.records[room:])
 
     def listing(self) -> dict[str, Any]:
         return {"records": self.records, "unlisted": self.unlisted}
@@ -87,9 +86,9 @@ class UnitResult:
     task: str
     episodes: list[Episode]
     categories: list[str] = dataclasses.field(default_factory=list)
-    skipped: Counter[str] = dataclasses.field(default_factory=SkipLog)
-    """reason → count; ``task:<why>`` for whole units skipped, ``instance:<why>`` for records. A
-    :class:`SkipLog` also says which records they were (listed in the manifest's ``skipped_records``)."""
+    skipped: SkipLog = dataclasses.field(default_factory=SkipLog)
+    """reason → count; ``task:<why>`` for whole units skipped, ``instance:<why>`` for records; and which records
+    they were (listed in the manifest's ``skipped_records``)."""
     dropped: str | None = None
     """Set when a filter removed the whole unit (e.g. ``non_english``): listed under ``dropped_tasks``."""
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -158,7 +157,7 @@ def run_prep(
     try:
         manifest = _write_piece(
             staging, prefix, mine, fn, workers, f"{source} {split}", shard_max_samples, shard_max_bytes,
-            dict(source=source, split=split, options=options, dropped_tasks=dropped_tasks, filters=filters),
+            dropped_tasks or {}, dict(source=source, split=split, options=options, filters=filters),
         )
         write_json_atomic(staging / manifest_filename(num_jobs, job_index), manifest)
         if num_jobs == 1:
@@ -181,13 +180,14 @@ def _write_piece(
     desc: str,
     shard_max_samples: int,
     shard_max_bytes: int,
+    dropped_tasks: Mapping[str, list[str]],
     about: dict[str, Any],
 ) -> dict[str, Any]:
     """Map ``fn`` over this piece's units, write their episodes as shards into ``staging``; the manifest."""
     tasks: dict[str, int] = {}
     categories: dict[str, list[str]] = {}
     skipped: Counter[str] = Counter()
-    dropped: dict[str, list[str]] = {reason: list(names) for reason, names in (about.pop("dropped_tasks") or {}).items()}
+    dropped: dict[str, list[str]] = {reason: list(names) for reason, names in dropped_tasks.items()}
     merged_extra: dict[str, Any] = {}
     skipped_records = SkippedRecords()
     with EpisodeShardWriter(staging, prefix, shard_max_samples, shard_max_bytes) as writer:

@@ -355,7 +355,7 @@ def verify(out_dir: str | Path, members: bool = True) -> dict[str, Any]:
     total = 0
     for shard in manifest["shards"]:
         path = out_dir / shard["file"]
-        _check_shard_file(path, shard)
+        check_shard_file(path, shard.get("bytes"), shard["sha256"])
         if members:
             total += _check_members(path, shard, task_counts)
     if not members:
@@ -368,15 +368,17 @@ def verify(out_dir: str | Path, members: bool = True) -> dict[str, Any]:
     return {"shards": len(manifest["shards"]), "num_samples": total, "tasks": len(task_counts)}
 
 
-def _check_shard_file(path: Path, shard: Mapping[str, Any]) -> None:
+def check_shard_file(path: str | Path, size: int | None, sha256: str | None) -> None:
+    """Raise ShardError naming ``path`` unless it exists with the manifest's ``size`` and ``sha256`` (each checked
+    only when given: older manifests record no size; a size-only check passes no digest)."""
+    path = Path(path)
     if not path.is_file():
         raise ShardError(f"{path}: shard listed in the manifest is missing")
-    size = path.stat().st_size
-    if "bytes" in shard and size != shard["bytes"]:
-        raise ShardError(f"{path}: {size} bytes, the manifest says {shard['bytes']} (truncated or replaced)")
-    digest = sha256_file(path)
-    if digest != shard["sha256"]:
-        raise ShardError(f"{path}: sha256 {digest[:12]}… does not match the manifest's {shard['sha256'][:12]}…")
+    actual = path.stat().st_size
+    if size is not None and actual != size:
+        raise ShardError(f"{path}: {actual} bytes, the manifest says {size} (truncated or replaced; re-run the prep)")
+    if sha256 is not None and sha256_file(path) != sha256:
+        raise ShardError(f"{path}: sha256 differs from the manifest (corrupt or modified; re-run the prep)")
 
 
 def _check_members(path: Path, shard: Mapping[str, Any], task_counts: Counter[str]) -> int:

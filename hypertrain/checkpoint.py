@@ -19,7 +19,6 @@ and safetensors; DeepSpeed's pickles are screened for unexpected globals before 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -33,6 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from data_prep.shards import sha256_file
 
 STATE_FILE = "hypertrain_state.json"
 TRAINABLE_FILE = "trainable.safetensors"
@@ -246,18 +247,10 @@ def _files_of(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.is_file() and p.name != CHECKSUM_FILE)
 
 
-def _digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _hash_all(files: list[Path]) -> list[str]:
     """sha256 of each file, several at once (hashlib releases the GIL on large blocks)."""
     with ThreadPoolExecutor(max_workers=min(8, max(1, len(files)))) as pool:
-        return list(pool.map(_digest, files))
+        return list(pool.map(sha256_file, files))
 
 
 def write_checksums(path: Path) -> None:

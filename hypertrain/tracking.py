@@ -494,13 +494,13 @@ class Tracker:
                 self._tags["hypertrain.resumed_from_missing_run"] = self._resume_id
                 self._resume_id = None
             else:
-                self._opened(client, self._resume_id)
+                self._opened(client, self._resume_id, reopened=True)
                 return
         experiment_id = self._experiment_id(client)
         run = client.create_run(experiment_id, tags=dict(self._tags), run_name=self.run_name)
-        self._opened(client, run.info.run_id)
+        self._opened(client, run.info.run_id, reopened=False)
 
-    def _opened(self, client: MlflowClient, run_id: str) -> None:
+    def _opened(self, client: MlflowClient, run_id: str, reopened: bool) -> None:
         """The run exists: remember its id on disk, queue what earlier attempts did not log."""
         self.run_id = run_id
         self._resume_id = run_id  # should a call below fail, the retry reopens this run instead of making another
@@ -511,7 +511,7 @@ class Tracker:
             )
         except OSError as err:
             log.warning("tracking: cannot write %s: %s", self.run_dir / RUN_ID_FILE, err)
-        history = client.get_metric_history(run_id, "loss")
+        history = client.get_metric_history(run_id, "loss") if reopened else []  # a new run holds nothing
         self._logged_through = max((m.step for m in history), default=-1)
         if self._backfill is not None:
             rows = self._backfill(self._logged_through)

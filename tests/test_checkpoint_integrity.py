@@ -170,3 +170,18 @@ def test_a_nonfinite_checkpoint_is_kept_aside_and_never_promoted(tmp_path):
     assert checkpoints(tmp_path).resume_point() == (root / "step-00000005", None)
     assert verify_checkpoint(root / "step-00000005") is None
     check_pickles(root / "step-00000005")  # DeepSpeed's own files pass the screen
+
+
+def test_export_and_eval_resolve_only_checkpoints_that_verify(tmp_path):
+    from hypertrain.export import resolve_checkpoint
+
+    root = tmp_path / "checkpoints"
+    fake_checkpoint(root, 10)
+    newest = fake_checkpoint(root, 20)
+    point_latest(root, 20)
+    assert resolve_checkpoint(tmp_path) == newest
+    trainable = newest / "trainable.safetensors"
+    trainable.write_bytes(trainable.read_bytes()[:-8])  # truncated: export must not ship it
+    with pytest.raises(CheckpointError, match=r"step-00000020 has trainable.safetensors of \d+ bytes"):
+        resolve_checkpoint(newest)
+    assert resolve_checkpoint(tmp_path) == root / "step-00000010"  # a run directory falls back, with a warning

@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from data_prep.shards import ShardError, read_manifest, sha256_file
+from data_prep.shards import ShardError, check_shard_file, read_manifest
 from hypertrain.episode import Episode
 
 Payload = tuple[bytes, str]
@@ -83,11 +83,10 @@ def check_shards(sources: Sequence[Source], mode: str, part: int = 0, parts: int
 
     def problem(job: tuple[str, int | None, str]) -> str | None:
         path, size, digest = job
-        actual = Path(path).stat().st_size
-        if size is not None and actual != size:
-            return f"{path}: {actual} bytes, the manifest says {size} (truncated or replaced; re-run the prep)"
-        if mode == "sha256" and sha256_file(path) != digest:
-            return f"{path}: sha256 differs from the manifest (corrupt or modified; re-run the prep)"
+        try:
+            check_shard_file(path, size, digest if mode == "sha256" else None)
+        except ShardError as err:
+            return str(err)
         return None
 
     with ThreadPoolExecutor(max_workers=min(8, max(1, len(jobs)))) as pool:
@@ -173,7 +172,8 @@ class SlotStream:
         yield from buffer
 
     def iterate(self, start: int = 0) -> Iterator[Payload]:
-        """Payloads (with where each came from) from position ``start`` (samples already consumed from this slot's stream) on, forever."""
+        """Payloads (with where each came from) from position ``start`` (samples already consumed from this slot's
+        stream) on, forever."""
         pass_index, offset = divmod(start, self.samples_per_pass)
         while True:
             count = 0
