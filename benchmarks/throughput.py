@@ -13,7 +13,7 @@ timed; the step is split by timing its parts alone, round-robin with the full st
 (fixed prefixes and fusion states as leaves), the hypernetwork encoder, the generator (HART: the L decoding
 steps; HyperTuning: one pass). Prints one JSON object: step time, samples/s, tokens/s (main input + target +
 hypernetwork input), model TFLOP/s and MFU (``hypertrain.flops``; MFU needs a known GPU or ``--peak-tflops``),
-peak memory (CUDA: ``max_memory_allocated``; CPU: live tensor bytes, ``hypertrain.plan.LiveTensorBytes``) and
+peak memory (CUDA: ``max_memory_allocated``; CPU: live tensor bytes, ``hypertrain.memory_probe.LiveTensorBytes``) and
 the memory plan's prediction for the same step.
 """
 
@@ -226,7 +226,7 @@ def measure_memory(method: nn.Module, batch: dict[str, torch.Tensor], device: st
         method(batch).loss.backward()
         torch.cuda.synchronize()
         return float(torch.cuda.max_memory_allocated() - base)
-    from hypertrain.plan import measure_step
+    from hypertrain.memory_probe import measure_step
 
     return measure_step(method, batch)["peak"]
 

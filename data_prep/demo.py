@@ -238,12 +238,20 @@ class DemoTasksConfig:
     """Training tasks to write (0: all 34); taken round-robin over the families so a few stay varied."""
     num_test_tasks: int = 0
     """Held-out test tasks to write (0: all 8 of DEFAULT_TEST_TASKS)."""
+    train_names: tuple[str, ...] = ()
+    """Explicit training tasks (short names of :data:`TASKS`), instead of the default split."""
+    test_names: tuple[str, ...] = ()
+    """Explicit test tasks; with ``train_names`` they may overlap (unseen instances of training tasks come from
+    another ``seed``)."""
 
     def __post_init__(self) -> None:
         if self.instances_per_task < 4:
             raise ValueError(f"instances_per_task: must be >= 4, got {self.instances_per_task}")
         if self.num_train_tasks < 0 or self.num_test_tasks < 0:
             raise ValueError("num_train_tasks and num_test_tasks must be >= 0 (0: all)")
+        unknown = [n for n in (*self.train_names, *self.test_names) if n not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown demo task(s) {unknown}; known: {', '.join(TASKS)}")
 
 
 def _round_robin(names: Sequence[str]) -> list[str]:
@@ -259,6 +267,8 @@ def _round_robin(names: Sequence[str]) -> list[str]:
 
 def split_tasks(cfg: DemoTasksConfig) -> tuple[list[str], list[str]]:
     """(training tasks, held-out test tasks), short names."""
+    if cfg.train_names or cfg.test_names:
+        return list(cfg.train_names), list(cfg.test_names)
     test = _round_robin(DEFAULT_TEST_TASKS)
     train = _round_robin([n for n in TASKS if n not in DEFAULT_TEST_TASKS])
     if cfg.num_train_tasks:
@@ -315,7 +325,7 @@ def generate(cfg: DemoTasksConfig) -> tuple[list[str], list[str]]:
     (out / "tasks").mkdir(parents=True, exist_ok=True)
     splits = out / "splits" / "default"
     splits.mkdir(parents=True, exist_ok=True)
-    for short in train + test:
+    for short in dict.fromkeys(train + test):
         record = task_record(short, cfg.seed, cfg.instances_per_task)
         (out / "tasks" / f"{task_name(short)}.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     train_names, test_names = [task_name(t) for t in train], [task_name(t) for t in test]

@@ -49,7 +49,9 @@ def _end_with_punctuation(text: str) -> str:
     return text if text and text[-1] in string.punctuation else text + "."
 
 
-def format_def_pos(definition: str, positive_examples: Sequence[dict[str, str]]) -> str:
+def format_def_pos(
+    definition: str, positive_examples: Sequence[dict[str, str]], explanations: bool = False
+) -> str:
     """The Def+2Pos text the hypernetwork reads, in Tk-Instruct's layout::
 
         Definition: <definition>.
@@ -63,7 +65,9 @@ def format_def_pos(definition: str, positive_examples: Sequence[dict[str, str]])
         Output: <output>.
 
     Each part is stripped and, as in Tk-Instruct, gets a final period when it does not already end in
-    punctuation; blocks are separated by one blank line and the text has no trailing newline.
+    punctuation; blocks are separated by one blank line and the text has no trailing newline. With
+    ``explanations`` (Tk-Instruct's "pos + expl." input) each example also gets an ``Explanation: <text>.`` line,
+    where the task file has one.
     """
     blocks = [f"Definition: {_end_with_punctuation(definition)}"]
     for number, example in enumerate(positive_examples, start=1):
@@ -71,6 +75,9 @@ def format_def_pos(definition: str, positive_examples: Sequence[dict[str, str]])
             f"Positive Example {number} -\n"
             f"Input: {_end_with_punctuation(example['input'])}\n"
             f"Output: {_end_with_punctuation(example['output'])}"
+            + (f"\nExplanation: {_end_with_punctuation(example['explanation'])}"
+               if explanations and isinstance(example.get("explanation"), str) and example["explanation"].strip()
+               else "")
         )
     return "\n\n".join(blocks)
 
@@ -218,7 +225,7 @@ def task_episodes(task_name: str, cfg: SNIPrepConfig) -> UnitResult:
         skipped.note(skip.reason, task=task_name, file=relative, error=str(skip).replace(str(path), relative))
         return UnitResult(task_name, [], skipped=skipped)
 
-    hyper_input = format_def_pos(definition, positives)
+    hyper_input = format_def_pos(definition, positives, cfg.pos_explanations)
     categories = [c for c in task.get("Categories", []) if isinstance(c, str)]
     skipped = SkipLog()
     oversized = 0
@@ -290,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="instances kept per task; 0 keeps all (default: %(default)s)")
     add("--num-pos-examples", type=int, default=defaults.num_pos_examples,
         help="positive examples in the hypernetwork input (default: %(default)s)")
+    add("--pos-explanations", action="store_true",
+        help="add each positive example's explanation to Def+2Pos (Tk-Instruct's input; default: without)")
     add("--seed", type=int, default=defaults.seed, help="seed of the train split's instance sample")
     add_run_options(parser, defaults, unit="task")
     add("--strict-task-list", dest="allow_missing_tasks", action="store_false",

@@ -1,8 +1,9 @@
 """The ``hypertrain`` command: one sub-command per module, each registering its own arguments.
 
 A sub-command module exposes ``register(subparsers)`` which adds its parser and sets ``func`` to a callable
-taking the parsed arguments and returning an exit code. Modules are imported lazily so that ``hypertrain
---help`` stays fast and a broken optional dependency only affects its own command.
+taking the parsed arguments and returning an exit code. Only the module of the command
+being run is imported, so ``hypertrain --help`` and each command's ``--help`` stay fast (none imports torch) and a
+broken optional dependency only affects its own command.
 """
 
 from __future__ import annotations
@@ -12,26 +13,30 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-# sub-command → module that registers it
-COMMANDS: dict[str, str] = {
-    "train": "hypertrain.main",
-    "params": "hypertrain.params",
-    "plan": "hypertrain.plan",
-    "export": "hypertrain.export",
-    "demo": "hypertrain.demo",
-    "compare": "hypertrain.compare",
-    "eval": "hypertrain.evaluation.cli",
-    "stop": "hypertrain.stop",
+# sub-command → (module that registers it, one-line help for ``hypertrain --help``)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("hypertrain.main", "train a method (HART, HyperTuning, PHA, full fine-tuning); see hypertrain train --help"),
+    "stop": ("hypertrain.stop", "ask a running training job to checkpoint and stop"),
+    "params": ("hypertrain.params", "trainable and frozen parameter counts of a config (no download, no memory)"),
+    "plan": ("hypertrain.plan", "memory per GPU, largest micro batch, accumulation and run time of a config"),
+    "export": ("hypertrain.export", "write a checkpoint's trained parameters (or, --hf, a fine-tuned T5)"),
+    "eval": ("hypertrain.evaluation.cli", "evaluate a checkpoint: S-NI ROUGE-L / exact match, P3 accuracy"),
+    "demo": ("hypertrain.demo", "the whole pipeline on CPU in minutes: tasks, prep, training, evaluation, comparison"),
+    "compare": ("hypertrain.compare", "compare runs from MLflow: a table and PNG plots"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The top-level parser; only ``command``'s module is imported (the others are listed by their help line)."""
     parser = argparse.ArgumentParser(
         prog="hypertrain", description="Train and evaluate hypernetworks that write PEFT weights for a frozen T5."
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module_name in COMMANDS.values():
-        importlib.import_module(module_name).register(subparsers)
+    for name, (module_name, help_line) in COMMANDS.items():
+        if name == command:
+            importlib.import_module(module_name).register(subparsers)
+        else:
+            subparsers.add_parser(name, help=help_line, add_help=False)
     return parser
 
 
@@ -42,9 +47,13 @@ PASSTHROUGH: dict[str, str] = {"train": "hypertrain.main"}
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in PASSTHROUGH:
-        return int(importlib.import_module(PASSTHROUGH[argv[0]]).main(argv[1:]) or 0)
-    parser = build_parser()
+        module = importlib.import_module(PASSTHROUGH[argv[0]])
+        return int(module.main(argv[1:], prog=f"hypertrain {argv[0]}") or 0)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(argv)
+    if not hasattr(args, "func"):  # only reachable for a command whose module was not loaded
+        parser.error(f"cannot run {args.command!r}")
     return int(args.func(args) or 0)
 
 

@@ -4,9 +4,10 @@
     hypertrain compare --runs 3f2a... 9b1c... --metric 'eval/sni/rougeL' 'eval/sni/category/*/rougeL'
 
 Runs come from ``MlflowClient.search_runs`` (``--experiment``, newest first) or by id (``--runs``). The table has
-one row per run: method, model, steps, the last logged training loss, the final value of every selected
-``eval/...`` metric (whatever the evaluation logged: S-NI ``rougeL``/``exact_match`` overall and per category,
-P3 accuracy, ...), mean samples/s and MFU (when the run logged one). ``--out`` receives ``comparison.md``,
+one row per run: method, model, steps, the last logged training loss (the mean over the last ``run.log_every``
+steps), the final value of every selected ``eval/...`` metric (whatever the evaluation logged: S-NI
+``rougeL``/``exact_match`` overall and per category, P3 accuracy, ..., all on a 0-100 scale), samples/s (total
+samples over total step time) and MFU (when the run logged one). ``comparison.csv`` holds the raw numbers. ``--out`` receives ``comparison.md``,
 ``comparison.csv`` and three plots: ``loss.png`` (loss curves overlaid), ``eval.png`` (eval metrics as grouped
 bars) and ``throughput.png`` (samples/s and MFU or tokens/s per run).
 """
@@ -29,6 +30,8 @@ from hypertrain.tracking import redact
 DEFAULT_METRICS = ("eval/*/rougeL", "eval/*/exact_match", "eval/*/accuracy", "eval/*/dataset_median_average",
                    "eval/*/category/*/rougeL", "eval/*/dataset/*/median")
 """Eval metrics shown when ``--metric`` is not given (globs; those a run did not log are left out)."""
+TRAIN_LOSS = "train loss (last window)"
+"""The table's loss column: the mean over the last ``run.log_every`` steps (what the trainer logs), not one step."""
 MFU_PATTERN = re.compile(r"(^|[/_])mfu$", re.IGNORECASE)
 
 
@@ -111,6 +114,9 @@ def summarize_run(client: Any, run: Any, metric_patterns: Sequence[str]) -> RunS
     params, tags, metrics = data.params, data.tags, data.metrics
     loss = _history(client, run.info.run_id, "loss") if "loss" in metrics else []
     samples = [v for _, v in _history(client, run.info.run_id, "samples_per_s")] if "samples_per_s" in metrics else []
+    throughput = _mean_steady(samples)  # runs logged before the totals existed
+    if metrics.get("train_time_s") and "samples_total" in metrics:  # total samples / total step time
+        throughput = metrics["samples_total"] / metrics["train_time_s"]
     tokens = [v for _, v in _history(client, run.info.run_id, "tokens_per_s")] if "tokens_per_s" in metrics else []
     mfu_keys = [k for k in metrics if MFU_PATTERN.search(k)]
     mfu = _mean_steady([v for _, v in _history(client, run.info.run_id, mfu_keys[0])]) if mfu_keys else None
@@ -123,7 +129,7 @@ def summarize_run(client: Any, run: Any, metric_patterns: Sequence[str]) -> RunS
         status=run.info.status,
         steps=loss[-1][0] if loss else None,
         train_loss=loss[-1][1] if loss else metrics.get("loss"),
-        samples_per_s=_mean_steady(samples),
+        samples_per_s=throughput,
         tokens_per_s=_mean_steady(tokens),
         mfu=mfu,
         eval={name: metrics[name] for name in eval_names},
@@ -192,7 +198,7 @@ def table_rows(runs: Sequence[RunSummary]) -> tuple[list[str], list[list[str]]]:
     eval_columns: list[str] = []
     for run in runs:
         eval_columns += [k for k in run.eval if k not in eval_columns]
-    header = ["run", "method", "model", "steps", "train loss", *[metric_label(c) for c in eval_columns], "samples/s", "MFU"]
+    header = ["run", "method", "model", "steps", TRAIN_LOSS, *[metric_label(c) for c in eval_columns], "samples/s", "MFU"]
     rows = []
     for run in runs:
         rows.append([
@@ -201,6 +207,21 @@ def table_rows(runs: Sequence[RunSummary]) -> tuple[list[str], list[list[str]]]:
             _fmt(run.samples_per_s, 1), "-" if run.mfu is None else f"{100 * run.mfu:.1f}%",
         ])
     return header, rows
+
+
+def raw_rows(runs: Sequence[RunSummary]) -> tuple[list[str], list[list[Any]]]:
+    """:func:`table_rows` with unformatted numbers (empty where a run has none): the CSV's content."""
+    eval_columns: list[str] = []
+    for run in runs:
+        eval_columns += [k for k in run.eval if k not in eval_columns]
+    header = ["run_id", "run", "method", "model", "steps", "train_loss_last_window", *eval_columns, "samples_per_s", "mfu"]
+    rows = [
+        [run.run_id, run.name, run.method, run.model, run.steps, run.train_loss,
+         *[run.eval.get(c) for c in eval_columns], run.samples_per_s, run.mfu]
+        for run in runs
+    ]
+    return header, [["" if v is None or (isinstance(v, float) and not math.isfinite(v)) else v for v in row]
+                    for row in rows]
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[str]], markdown: bool = False) -> str:
@@ -260,6 +281,14 @@ def plot_loss(runs: Sequence[RunSummary], path: Path) -> Path:
     return _save(plt, fig, path)
 
 
+def eval_axis_label(columns: Sequence[str]) -> str:
+    """The eval plot's y axis: the metrics shown, on their 0-100 scale."""
+    names = {"rougeL": "ROUGE-L", "exact_match": "exact match", "accuracy": "accuracy",
+             "dataset_median_average": "dataset-median accuracy", "median": "median accuracy"}
+    shown = list(dict.fromkeys(names.get(c.rsplit("/", 1)[-1], c.rsplit("/", 1)[-1]) for c in columns))
+    return f"{' / '.join(shown)} (0-100)"
+
+
 def plot_eval(runs: Sequence[RunSummary], path: Path) -> Path:
     plt = _pyplot()
     columns: list[str] = []
@@ -277,7 +306,7 @@ def plot_eval(runs: Sequence[RunSummary], path: Path) -> Path:
         ax.set_ylim(0, max(1.0, max(finite, default=0.0)) * 1.15)
         ax.set_xticks(range(len(columns)))
         ax.set_xticklabels([metric_label(c) for c in columns], rotation=30, ha="right", fontsize=8)
-        ax.set_ylabel("score")
+        ax.set_ylabel(eval_axis_label(columns))
         ax.legend(fontsize=8)
         ax.grid(axis="y", alpha=0.3)
     else:
@@ -316,10 +345,11 @@ def write_outputs(runs: Sequence[RunSummary], out: str | Path) -> dict[str, Path
     out.mkdir(parents=True, exist_ok=True)
     header, rows = table_rows(runs)
     (out / "comparison.md").write_text(format_table(header, rows, markdown=True) + "\n", encoding="utf-8")
+    raw_header, raw = raw_rows(runs)
     with open(out / "comparison.csv", "w", encoding="utf-8", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["run_id", *header])
-        writer.writerows([run.run_id, *row] for run, row in zip(runs, rows, strict=True))
+        writer.writerow(raw_header)
+        writer.writerows(raw)
     return {
         "table": out / "comparison.md",
         "csv": out / "comparison.csv",
@@ -336,11 +366,14 @@ def write_outputs(runs: Sequence[RunSummary], out: str | Path) -> dict[str, Path
 
 def compare(
     tracking_uri: str | None = None, experiment: str | None = None, run_ids: Sequence[str] = (),
-    metrics: Sequence[str] = (), out: str | Path = "runs/compare", max_runs: int = 50,
+    metrics: Sequence[str] = (), out: str | Path = "runs/compare", max_runs: int = 50, exclude: Sequence[str] = (),
 ) -> tuple[str, dict[str, Path]]:
-    """Read the runs, write the files; returns the printed table and the files written."""
+    """Read the runs (leaving out those named in ``exclude``), write the files; returns the printed table and the
+    files written."""
     uri = resolve_tracking_uri(tracking_uri)
-    runs = load_runs(uri, experiment, run_ids, metrics or DEFAULT_METRICS, max_runs)
+    runs = [r for r in load_runs(uri, experiment, run_ids, metrics or DEFAULT_METRICS, max_runs) if r.name not in exclude]
+    if not runs:
+        raise CompareError(f"no runs left to compare in {redact(uri)} after leaving out {', '.join(exclude)}")
     header, rows = table_rows(runs)
     return format_table(header, rows), write_outputs(runs, out)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import difflib
 import math
 import types
 import typing
@@ -57,6 +58,8 @@ class SNIPrepConfig:
     """Instances kept per task (Tk-Instruct / HINT use 100; the test split keeps the first N in file order)."""
     num_pos_examples: int = 2
     """Positive examples in the hypernetwork input (Def+2Pos)."""
+    pos_explanations: bool = False
+    """Add each positive example's explanation (Tk-Instruct's input; HART's FT-Few-Shot and hypernetworks: without)."""
     seed: int = 42
     shard_max_samples: int = 10000
     shard_max_bytes: int = 256 * 1024**2
@@ -175,6 +178,10 @@ class DataConfig:
     max_input_tokens: int = 384
     max_target_tokens: int = 128
     max_hyper_input_tokens: int = 1024
+    main_input: Literal["query", "few_shot"] = "query"
+    """What the main model reads, in training and evaluation: ``query`` (the instance alone: FT-Zero-Shot, and the
+    hypernetwork methods, whose hypernetwork reads the demonstrations) or ``few_shot`` (S-NI: Def+2Pos and the query
+    in Tk-Instruct's layout; P3: the K demonstrations and the query; FT-Few-Shot). ``docs/models.md``."""
     train: list[str] = dataclasses.field(default_factory=list)
     """Prepared training directories (each holds a ``manifest.json``), mixed per sample by ``weights``."""
     weights: list[float] = dataclasses.field(default_factory=list)
@@ -358,8 +365,9 @@ class EvalConfig:
 class Config:
     """Top-level experiment configuration (``configs/*.yaml``)."""
 
-    method: Literal["hart", "hypertuning", "pha"] = "hart"
-    """Which method ``build_method`` builds; ``hypertuning`` is ``hart`` with ``hart.generator: parallel``."""
+    method: Literal["hart", "hypertuning", "pha", "finetune"] = "hart"
+    """Which method ``build_method`` builds; ``hypertuning`` is ``hart`` with ``hart.generator: parallel``;
+    ``finetune`` trains every weight of the T5 itself (FT-Zero-Shot / FT-Few-Shot, by ``data.main_input``)."""
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     hart: HartConfig = dataclasses.field(default_factory=HartConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -446,6 +454,29 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
 
 
+def unknown_key_message(prefix: str, name: str, valid: Sequence[str]) -> str:
+    """``unknown config key hart.alpah; did you mean hart.alpha? (valid keys here: ...)``."""
+    where = f"{prefix}." if prefix else ""
+    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
+    hint = f"; did you mean {where}{close[0]}?" if close else ""
+    return f"unknown config key {where}{name}{hint} (valid keys here: {', '.join(sorted(valid))})"
+
+
+def check_override_keys(cls: type, overrides: Sequence[str]) -> None:
+    """Every ``key.sub=value`` override names an existing option of ``cls``; the error names the override."""
+    for text in overrides:
+        path, _ = parse_override(text)
+        node: Any = cls
+        for depth, part in enumerate(path):
+            if not (isinstance(node, type) and dataclasses.is_dataclass(node)):
+                break  # a value below a plain field (a mapping): checked with the value
+            fields = {f.name: f for f in dataclasses.fields(node)}
+            if part not in fields:
+                message = unknown_key_message(".".join(path[:depth]), part, fields)
+                raise ConfigError(f"command-line override {text!r}: {message}")
+            node = typing.get_type_hints(node)[part]
+
+
 def from_dict(cls: type[T], data: Mapping[str, Any] | None, prefix: str = "") -> T:
     """Build dataclass ``cls`` from a mapping; unknown keys and wrong types raise ConfigError."""
     if data is None:
@@ -456,10 +487,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, prefix: str = "") ->
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        where = f"{prefix}." if prefix else ""
-        raise ConfigError(
-            f"unknown config key {where}{unknown[0]!s}; valid keys here: {', '.join(sorted(fields))}"
-        )
+        raise ConfigError(unknown_key_message(prefix, str(unknown[0]), fields))
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
@@ -537,6 +565,7 @@ def load_config(
     data: dict[str, Any] = copy.deepcopy(dict(defaults or {}))
     if path is not None:
         data = _deep_merge(data, read_yaml(path))
+    check_override_keys(cls, overrides)  # so that a typo on the command line is not reported as the file's
     apply_overrides(data, overrides)
     try:
         return from_dict(cls, data)

@@ -1,27 +1,35 @@
-"""``hypertrain demo``: the whole pipeline on a laptop in minutes — tasks, prep, training, evaluation, comparison.
+"""``hypertrain demo``: a small, real experiment on a laptop: tasks, prep, a trained main model, hypernetworks, scores.
 
-    hypertrain demo                                   # tiny HART, HyperTuning and PHA on CPU, ~300 steps each
-    hypertrain demo --steps 20 --methods hart,pha --train-tasks 8 --test-tasks 2   # the smoke test's size
+    hypertrain demo                                   # the CPU demo: about 10 minutes on 2 cores
+    hypertrain demo --steps 20 --main-steps 40 --methods hart,pha --train-tasks 8 --test-tasks 2   # the smoke test
     hypertrain demo --device cuda --size small --steps 2000                      # pretrained T5-small on a GPU
 
 1. generates the demonstration tasks (:mod:`data_prep.demo`: string edits, arithmetic, classification by rule,
-   word lists; held-out test tasks) in the S-NI layout under ``OUT/tasks``;
-2. runs the real S-NI prep on them (``OUT/data/train``, ``OUT/data/test``);
-3. trains each method with ``python -m hypertrain.main`` (one process; ``OUT/runs/<method>``, log in
-   ``OUT/logs/<method>.log``), evaluating on the held-out tasks at the last step (S-NI ROUGE-L / exact match,
-   overall and per task family), all logged to one MLflow store ``OUT/mlflow.db`` (experiment ``demo``);
-4. prints the comparison table (:mod:`hypertrain.compare`) and writes its plots to ``OUT/compare``.
+   word lists; 34 training and 8 held-out tasks) in the S-NI layout under ``OUT/tasks`` and runs the real S-NI prep
+   on both splits (``OUT/data/train``, ``OUT/data/test``);
+2. trains the main model: the random-weight ``tiny`` T5 is fully fine-tuned (``method: finetune``) on the
+   **training** tasks, first on the bare query (FT-Zero-Shot, ``--main-steps``), then on Def+2Pos and the query in
+   one sequence (FT-Few-Shot, ``--steps``), and saved as a Hugging Face directory. The held-out tasks never enter
+   this stage (nor any other training). The result is cached under ``--cache`` by the options that made it, so a
+   second demo with the same options skips this stage. Pretrained sizes (``--size small`` ...) skip it;
+3. evaluates the main model on the held-out tasks twice: on the bare query without PEFT (the **floor** every method
+   must beat) and on Def+2Pos + query (**FT-Few-Shot**);
+4. trains HART, HyperTuning and PHA with ``python -m hypertrain.main`` (one process each; ``OUT/runs/<method>``, log
+   in ``OUT/logs/<method>.log``) over the frozen main model, their hypernetworks initialised from it, and evaluates
+   each on the held-out tasks (S-NI ROUGE-L / exact match, overall and per task family);
+5. prints the comparison table from the MLflow store ``OUT/mlflow.db`` (experiment ``demo``) and writes its plots.
 
-``tiny`` is the registry's random-weight T5 (d_model 64, byte vocabulary): it shows the machinery, not good
-scores. Other sizes (``small``, ``base``, ...) load the pretrained T5 v1.1 LM-adapted weights from the hub.
+Measured on a quiet 2-core machine: see the README ("Demo and run comparison").
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,12 +38,21 @@ from collections.abc import Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("hart", "hypertuning", "pha")
+METHODS = ("ft_few_shot", "hart", "hypertuning", "pha")
 EXPERIMENT = "demo"
+MAIN_STAGE_VERSION = 1
+"""Part of the main-model cache key: bump it when the stage's recipe changes."""
+FLOOR_RUN, FEW_SHOT_RUN = "floor (no PEFT)", "ft_few_shot"
+STAGES = 5
 
 
 class DemoError(RuntimeError):
     """A demo stage failed; the message names the stage and the log to read."""
+
+
+def default_cache() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(base) / "hypertrain" / "demo-main-models")
 
 
 @dataclasses.dataclass
@@ -44,6 +61,9 @@ class DemoOptions:
 
     out: str = "runs/demo"
     steps: int = 300
+    """Training steps of every method (FT-Few-Shot, HART, HyperTuning, PHA)."""
+    main_steps: int = 1200
+    """Steps of the main model's FT-Zero-Shot training (``tiny`` only)."""
     size: str = "tiny"
     device: str = "cpu"
     methods: tuple[str, ...] = METHODS
@@ -57,8 +77,12 @@ class DemoOptions:
     """Evaluated examples per held-out task."""
     batch_size: int = 16
     lr: float | None = None
-    """``None``: 1e-3 for the random-weight ``tiny``, 1e-4 for pretrained sizes."""
+    """Methods' learning rate; ``None``: 1e-3 for ``tiny``, 1e-4 for pretrained sizes."""
+    main_lr: float = 3e-3
+    main_batch_size: int = 32
     seed: int = 0
+    cache: str | None = dataclasses.field(default_factory=default_cache)
+    """Where trained main models are kept (keyed by the options that made them); ``None``: no cache."""
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -66,7 +90,7 @@ class DemoOptions:
             raise DemoError(f"--methods: expected a comma-separated subset of {','.join(METHODS)}, got {','.join(self.methods)}")
         if self.device not in ("cpu", "cuda"):
             raise DemoError(f"--device: expected cpu or cuda, got {self.device!r}")
-        for name in ("steps", "instances", "eval_examples", "batch_size"):
+        for name in ("steps", "main_steps", "instances", "eval_examples", "batch_size", "main_batch_size"):
             if getattr(self, name) < 1:
                 raise DemoError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}")
         from hypertrain.models.registry import canonical_name
@@ -75,6 +99,18 @@ class DemoOptions:
             raise DemoError(f"--size: unknown model {self.size!r} (tiny, small, base, large, xl, xxl)")
         if self.lr is None:
             self.lr = 1e-3 if self.size == "tiny" else 1e-4
+
+    @property
+    def trains_main_model(self) -> bool:
+        """``tiny`` has no pretrained weights: the demo trains it; other sizes are pretrained T5s."""
+        return self.size == "tiny"
+
+    def main_model_key(self) -> str:
+        """What the main model depends on: tasks, data, recipe (not ``out``, methods, ``steps`` or eval options)."""
+        fields = {name: getattr(self, name) for name in ("main_steps", "size", "train_tasks", "test_tasks", "instances",
+                                                          "main_lr", "main_batch_size", "seed")}
+        text = json.dumps({"version": MAIN_STAGE_VERSION, **fields}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _print(message: str) -> None:
@@ -96,20 +132,23 @@ def make_data(opts: DemoOptions, out: Path) -> tuple[Path, Path]:
     src = out / "tasks"
     train, test = generate(DemoTasksConfig(out=str(src), seed=opts.seed, instances_per_task=opts.instances,
                                            num_train_tasks=opts.train_tasks, num_test_tasks=opts.test_tasks))
-    _print(f"[1/4] {len(train)} training and {len(test)} held-out tasks written to {src} (S-NI layout)")
     dirs = (out / "data" / "train", out / "data" / "test")
     for split, directory in zip(("train", "test"), dirs, strict=True):
         try:
-            manifest = prepare(SNIPrepConfig(src=str(src), out=str(directory), split=split,
-                                             max_instances_per_task=opts.instances, seed=opts.seed))
+            prepare(SNIPrepConfig(src=str(src), out=str(directory), split=split,
+                                  max_instances_per_task=opts.instances, seed=opts.seed))
         except PrepError as err:
             raise DemoError(f"S-NI prep of the demo tasks ({split}) failed: {err}") from err
-        _print(f"[2/4] S-NI prep ({split}): {manifest['num_samples']} episodes of {len(manifest['tasks'])} tasks in {directory}")
+    _print(f"[1/{STAGES}] {len(train)} training and {len(test)} held-out tasks ({opts.instances} instances each) in "
+           f"{src} (S-NI layout), prepared into {dirs[0]} and {dirs[1]}")
     return dirs
 
 
 def config_for(method: str, size: str) -> tuple[str, list[str]]:
     """The experiment file and overrides that make ``method`` at ``size``."""
+    if method in ("finetune", "ft_few_shot"):
+        overrides = ["method=finetune", f"data.main_input={'few_shot' if method == 'ft_few_shot' else 'query'}"]
+        return "configs/hart_tiny.yaml" if size == "tiny" else "configs/ft_few_shot_t5xl.yaml", overrides
     if size == "tiny":
         base = "configs/pha_tiny.yaml" if method == "pha" else "configs/hart_tiny.yaml"
         overrides = []
@@ -131,19 +170,34 @@ def write_ds_config(out: Path) -> Path:
     return path
 
 
-def training_command(opts: DemoOptions, method: str, train: Path, test: Path, run_dir: Path, ds_config: Path) -> list[str]:
-    config, overrides = config_for(method, opts.size)
-    micro = min(opts.batch_size, 16)
+@dataclasses.dataclass
+class Job:
+    """One training run of the demo: its name, method, model and steps."""
+
+    name: str
+    method: str
+    model: str
+    steps: int
+    lr: float
+    batch_size: int
+    evaluate: bool = True
+
+
+def training_command(opts: DemoOptions, job: Job, train: Path, test: Path, run_dir: Path, ds_config: Path) -> list[str]:
+    config, overrides = config_for(job.method, opts.size)
+    micro = min(job.batch_size, 16)
+    few_shot = "data.main_input=few_shot" in overrides
     return [
         sys.executable, "-m", "hypertrain.main", "--config", config, "--ds_config", str(ds_config),
-        *overrides,
-        f"data.train=[{train}]", f"eval.data=[{test}]", f"run.dir={run_dir}", f"run.experiment={EXPERIMENT}",
-        f"run.name={method}", "run.resume=never", f"run.checkpoint_every={opts.steps}", "run.keep_last=1",
-        f"run.log_every={max(1, min(10, opts.steps // 20))}",
-        f"train.total_steps={opts.steps}", f"train.warmup_steps={min(opts.steps // 10, 30)}",
-        f"train.global_batch_size={opts.batch_size}", f"train.micro_batch_size={micro if opts.batch_size % micro == 0 else opts.batch_size}",
-        f"train.lr={opts.lr}", "train.optimizer=adamw", f"train.seed={opts.seed}",
-        "data.max_input_tokens=64", "data.max_target_tokens=48", "data.max_hyper_input_tokens=256",
+        *overrides, f"model.name={job.model}",
+        f"data.train=[{train}]", f"eval.data=[{test}]" if job.evaluate else "eval.data=[]", f"run.dir={run_dir}",
+        f"run.experiment={EXPERIMENT}", f"run.name={job.name}", "run.resume=never", f"run.checkpoint_every={job.steps}",
+        "run.keep_last=1", f"run.log_every={max(1, min(10, job.steps // 20))}",
+        f"train.total_steps={job.steps}", f"train.warmup_steps={min(job.steps // 10, 30)}",
+        f"train.global_batch_size={job.batch_size}",
+        f"train.micro_batch_size={micro if job.batch_size % micro == 0 else job.batch_size}",
+        f"train.lr={job.lr}", "train.optimizer=adamw", f"train.seed={opts.seed}",
+        f"data.max_input_tokens={400 if few_shot else 64}", "data.max_target_tokens=48", "data.max_hyper_input_tokens=320",
         "data.num_workers=1", "data.shuffle_buffer=500",
         f"eval.max_examples_per_task={opts.eval_examples}", "eval.max_new_tokens=48", "eval.batch_size=32",
     ]
@@ -167,20 +221,24 @@ def _tail(path: Path, lines: int = 25) -> str:
     return "\n".join(line for line in text[-lines:])
 
 
-def train_method(opts: DemoOptions, method: str, train: Path, test: Path, out: Path, tracking_uri: str) -> float:
-    """Train and evaluate one method in a child process with a progress bar; returns the seconds it took."""
-    from tqdm import tqdm
-
-    run_dir, log_path = out / "runs" / method, out / "logs" / f"{method}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+def _child_env(opts: DemoOptions, tracking_uri: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env["MLFLOW_TRACKING_URI"] = tracking_uri
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     if opts.device == "cpu":
         env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
-    command = training_command(opts, method, train, test, run_dir, out / "ds_config.json")
+    return env
+
+
+def run_child(command: list[str], log_path: Path, env: dict[str, str], label: str, total: int,
+              progress: Path | None) -> float:
+    """Run one stage in a child process with a progress bar (steps read from ``progress``, a metrics.jsonl);
+    returns the seconds it took. The child is stopped with the demo (Ctrl-C, SIGTERM)."""
+    from tqdm import tqdm
+
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
-    with open(log_path, "w", encoding="utf-8") as log, tqdm(total=opts.steps, desc=f"{method:>11}", unit="step",
+    with open(log_path, "w", encoding="utf-8") as log, tqdm(total=total, desc=f"{label:>11}", unit="step",
                                                             file=sys.stderr, dynamic_ncols=True) as bar:
         log.write("$ " + " ".join(command) + "\n")
         log.flush()
@@ -189,26 +247,89 @@ def train_method(opts: DemoOptions, method: str, train: Path, test: Path, out: P
         bar.set_postfix_str(phase)
         try:
             while process.poll() is None:
-                done = _steps_done(run_dir / "metrics.jsonl")
+                done = _steps_done(progress) if progress else 0
                 if done > bar.n:
                     bar.update(done - bar.n)
-                new_phase = "training" if 0 < done < opts.steps else ("evaluating" if done >= opts.steps else "starting")
+                new_phase = "training" if 0 < done < total else ("evaluating" if done >= total else "starting")
                 if new_phase != phase:
                     phase = new_phase
                     bar.set_postfix_str(phase)
                 time.sleep(0.5)
-        except BaseException:  # Ctrl-C or SIGTERM: stop the trainer too (it checkpoints on SIGTERM)
+        except BaseException:  # Ctrl-C or SIGTERM: stop the child too (a trainer checkpoints on SIGTERM)
             process.terminate()
             try:
                 process.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 process.kill()
             raise
-        bar.update(_steps_done(run_dir / "metrics.jsonl") - bar.n)
+        if progress is None and process.returncode == 0:
+            bar.update(total - bar.n)
+        elif progress is not None:
+            bar.update(_steps_done(progress) - bar.n)
         bar.set_postfix_str("done" if process.returncode == 0 else f"failed ({process.returncode})")
     if process.returncode != 0:
-        raise DemoError(f"training {method} failed with exit code {process.returncode}; log {log_path}:\n{_tail(log_path)}")
+        raise DemoError(f"{label} failed with exit code {process.returncode}; log {log_path}:\n{_tail(log_path)}")
     return time.monotonic() - start
+
+
+def train_job(opts: DemoOptions, job: Job, train: Path, test: Path, out: Path, tracking_uri: str) -> float:
+    """Train (and evaluate) one run in a child process with a progress bar; returns the seconds it took."""
+    run_dir = out / "runs" / job.name
+    command = training_command(opts, job, train, test, run_dir, out / "ds_config.json")
+    return run_child(command, out / "logs" / f"{job.name}.log", _child_env(opts, tracking_uri), job.name, job.steps,
+                     run_dir / "metrics.jsonl")
+
+
+def evaluate_model(opts: DemoOptions, model: str, name: str, main_input: str, test: Path, out: Path,
+                   tracking_uri: str) -> float:
+    """``hypertrain eval`` of a plain T5 directory (no PEFT) on the held-out tasks, logged as MLflow run ``name``."""
+    command = [
+        sys.executable, "-m", "hypertrain.cli", "eval", "--checkpoint", model, "--data", str(test),
+        "--main-input", main_input, "--out", str(out / "eval" / name.split()[0]), "--device", opts.device,
+        "--max-examples-per-task", str(opts.eval_examples), "--max-new-tokens", "48", "--batch-size", "32",
+        "--tracking-uri", tracking_uri, "--experiment", EXPERIMENT, "--run-name", name,
+    ]
+    label = name.split()[0]
+    return run_child(command, out / "logs" / f"{label}.log", _child_env(opts, tracking_uri), label, 1, None)
+
+
+def main_model(opts: DemoOptions, train: Path, test: Path, out: Path, tracking_uri: str) -> tuple[str, str]:
+    """The main model every method uses (a directory, or a pretrained name) and a line saying where it came from.
+
+    ``tiny``: FT-Zero-Shot on the training tasks (``--main-steps``), exported as a Hugging Face directory into the
+    cache (written beside its final name, then renamed: an interrupted demo leaves no half model behind)."""
+    if not opts.trains_main_model:
+        return opts.size, f"pretrained T5 v1.1 LM-adapted {opts.size} (downloaded)"
+    key = opts.main_model_key()
+    cache = Path(opts.cache) if opts.cache else out / "main-model-cache"
+    final = cache / key
+    if (final / "config.json").is_file() and (final / "demo_stage.json").is_file():
+        return str(final), f"reused from the cache {final} (same options; --no-cache retrains it)"
+    job = Job("main model", "finetune", opts.size, opts.main_steps, opts.main_lr, opts.main_batch_size, evaluate=False)
+    seconds = train_job(opts, job, train, test, out, tracking_uri)
+    from hypertrain.export import export_hf
+
+    staging = cache / f".{key}.staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    try:
+        export_hf(out / "runs" / job.name, staging)
+        record = {"options": dataclasses.asdict(opts), "key": key, "run": str(out / "runs" / job.name),
+                  "trained_on": "the demo's training tasks only (query -> target)", "seconds": round(seconds, 1)}
+        (staging / "demo_stage.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        if final.exists():  # another demo finished the same stage meanwhile: keep its copy
+            shutil.rmtree(staging)
+        else:
+            os.replace(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return str(final), f"trained in {seconds:.0f} s (FT-Zero-Shot, {opts.main_steps} steps), cached in {final}"
+
+
+def method_jobs(opts: DemoOptions, model: str) -> list[Job]:
+    lr = opts.lr if opts.lr is not None else 1e-3
+    return [Job(method, method, model, opts.steps, lr, opts.batch_size) for method in opts.methods]
 
 
 def run_demo(opts: DemoOptions) -> int:
@@ -222,19 +343,23 @@ def run_demo(opts: DemoOptions) -> int:
     train, test = make_data(opts, out)
     tracking_uri = f"sqlite:///{out / 'mlflow.db'}"
     write_ds_config(out)
-    _print(f"[3/4] training {', '.join(opts.methods)} ({opts.size}, {opts.steps} steps, batch {opts.batch_size}, "
-           f"{opts.device}); logs in {out / 'logs'}")
-    for method in opts.methods:
-        seconds = train_method(opts, method, train, test, out, tracking_uri)
-        _print(f"      {method}: trained and evaluated in {seconds:.0f} s")
-    _print("[4/4] comparison (from MLflow)")
-    table, files = compare(tracking_uri, EXPERIMENT, out=out / "compare")
+    model, origin = main_model(opts, train, test, out, tracking_uri)
+    _print(f"[2/{STAGES}] main model {model}: {origin}")
+    floor_seconds = evaluate_model(opts, model, FLOOR_RUN, "query", test, out, tracking_uri)
+    _print(f"[3/{STAGES}] floor: the main model on the bare held-out queries, without PEFT ({floor_seconds:.0f} s)")
+    _print(f"[4/{STAGES}] training {', '.join(opts.methods)} over the frozen main model ({opts.steps} steps, batch "
+           f"{opts.batch_size}, {opts.device}); logs in {out / 'logs'}")
+    for job in method_jobs(opts, model):
+        seconds = train_job(opts, job, train, test, out, tracking_uri)
+        _print(f"      {job.name}: trained and evaluated in {seconds:.0f} s")
+    _print(f"[5/{STAGES}] comparison (from MLflow)")
+    table, files = compare(tracking_uri, EXPERIMENT, out=out / "compare", exclude=("main model",))
     _print("")
     _print(table)
     _print("")
     held_out = len(json.loads((test / "manifest.json").read_text(encoding="utf-8"))["tasks"])
-    _print(f"eval columns: S-NI ROUGE-L / exact match on the {held_out} held-out tasks (first {opts.eval_examples} "
-           "examples each), overall and per task family")
+    _print(f"eval columns: S-NI ROUGE-L / exact match (0-100) on the {held_out} held-out tasks (first "
+           f"{opts.eval_examples} examples each), overall and per task family; the floor is the main model alone")
     _print(f"plots:     {files['loss']}\n           {files['eval']}\n           {files['throughput']}")
     _print(f"table:     {files['table']}")
     _print(f"MLflow UI: mlflow ui --backend-store-uri {tracking_uri}   (then open http://127.0.0.1:5000)")
@@ -249,24 +374,31 @@ def run_demo(opts: DemoOptions) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    defaults = DemoOptions()
-    parser = subparsers.add_parser("demo", help="tasks → prep → train HART/HyperTuning/PHA → eval → comparison, on CPU",
-                                   description="Generate demonstration tasks, prep them, train HART/HyperTuning/PHA, evaluate on held-out tasks and compare the runs.")
+    d = {f.name: f.default for f in dataclasses.fields(DemoOptions)}  # no instance: --help stays fast
+    parser = subparsers.add_parser(
+        "demo", help="tasks → prep → main model → FT-Few-Shot/HART/HyperTuning/PHA → eval → comparison, on CPU",
+        description="Generate demonstration tasks, prep them, train a small main model on the training tasks, train "
+        "FT-Few-Shot, HART, HyperTuning and PHA over it, evaluate on held-out tasks against the no-PEFT floor and "
+        "compare the runs.")
     add = parser.add_argument
-    add("--out", default=defaults.out, help="demo directory (must not hold a demo yet; default: %(default)s)")
-    add("--steps", type=int, default=defaults.steps, help="training steps per method (default: %(default)s)")
-    add("--size", default=defaults.size, help="model: tiny (random weights) or a registry name such as small, base "
-        "(pretrained, downloaded; use with --device cuda) (default: %(default)s)")
-    add("--device", choices=["cpu", "cuda"], default=defaults.device, help="default: %(default)s")
-    add("--methods", default=",".join(defaults.methods), help="comma-separated methods (default: %(default)s)")
+    add("--out", default=d["out"], help="demo directory (must not hold a demo yet; default: %(default)s)")
+    add("--steps", type=int, default=d["steps"], help="training steps per method (default: %(default)s)")
+    add("--main-steps", type=int, default=d["main_steps"],
+        help="FT-Zero-Shot steps of the tiny main model (default: %(default)s)")
+    add("--size", default=d["size"], help="model: tiny (trained by the demo) or a pretrained T5 size such as small, "
+        "base (downloaded; use with --device cuda) (default: %(default)s)")
+    add("--device", choices=["cpu", "cuda"], default=d["device"], help="default: %(default)s")
+    add("--methods", default=",".join(d["methods"]), help="comma-separated methods (default: %(default)s)")
     add("--train-tasks", type=int, default=0, help="training tasks (default: all 34)")
     add("--test-tasks", type=int, default=0, help="held-out tasks (default: all 8)")
-    add("--instances", type=int, default=defaults.instances, help="instances per task (default: %(default)s)")
-    add("--eval-examples", type=int, default=defaults.eval_examples,
+    add("--instances", type=int, default=d["instances"], help="instances per task (default: %(default)s)")
+    add("--eval-examples", type=int, default=d["eval_examples"],
         help="evaluated examples per held-out task (default: %(default)s)")
-    add("--batch-size", type=int, default=defaults.batch_size, help="global batch size (default: %(default)s)")
-    add("--lr", type=float, default=None, help="learning rate (default: 1e-3 for tiny, 1e-4 for pretrained sizes)")
-    add("--seed", type=int, default=defaults.seed, help="task generator and training seed (default: %(default)s)")
+    add("--batch-size", type=int, default=d["batch_size"], help="global batch size of the methods (default: %(default)s)")
+    add("--lr", type=float, default=None, help="methods' learning rate (default: 1e-3 for tiny, 1e-4 for pretrained sizes)")
+    add("--seed", type=int, default=d["seed"], help="task generator and training seed (default: %(default)s)")
+    add("--cache", default=None, help=f"trained main models, by options (default: {default_cache()})")
+    add("--no-cache", action="store_true", help="train the main model again (and keep it in OUT only)")
     parser.set_defaults(func=_run)
 
 
@@ -278,10 +410,11 @@ def _run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)  # so that the running trainer is stopped as well
     try:
         opts = DemoOptions(
-            out=args.out, steps=args.steps, size=args.size, device=args.device,
+            out=args.out, steps=args.steps, main_steps=args.main_steps, size=args.size, device=args.device,
             methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
             train_tasks=args.train_tasks, test_tasks=args.test_tasks, instances=args.instances,
             eval_examples=args.eval_examples, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+            cache=None if args.no_cache else (args.cache or default_cache()),
         )
         return run_demo(opts)
     except DemoError as err:

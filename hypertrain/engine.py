@@ -42,6 +42,7 @@ from hypertrain.ds_config import zero_stage
 from hypertrain.evaluation.runner import evaluate_in_training
 from hypertrain.flops import peak_flops
 from hypertrain.stop import STOP_FILE, clear_stop, stop_requested
+from hypertrain.tracking import window_metrics
 
 log = logging.getLogger("hypertrain")
 METRICS_FILE = "metrics.jsonl"
@@ -311,11 +312,12 @@ class Trainer:
         ds_cfg = self.ds_config
         method = engine.module
 
-        step, batches_done, run_id, nonfinite_total = 0, 0, None, 0
+        step, batches_done, run_id, nonfinite_total, train_time = 0, 0, None, 0, 0.0
         if resume_from is not None:
             state, tensors = checkpoints.load(engine, resume_from)
             step, batches_done, run_id = state["step"], state["batches_consumed"], state.get("mlflow_run_id")
             nonfinite_total = state.get("nonfinite_steps", 0)
+            train_time = state.get("train_time_s", 0.0)
             if hasattr(method, "load_checkpoint_tensors"):
                 prefix = "method."
                 method.load_checkpoint_tensors({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
@@ -345,6 +347,8 @@ class Trainer:
             cfg.data.max_target_tokens,
             cfg.data.max_hyper_input_tokens,
             cfg.data.pad_to_max,
+            main_input_mode=cfg.data.main_input,
+            with_hyper=getattr(method, "needs_hyper_input", True),
         )
         dataset = EpisodeBatches(
             sources,
@@ -370,6 +374,7 @@ class Trainer:
                 "mlflow_run_id": tracker.run_id,
                 "world_size": self.world_size,
                 "nonfinite_steps": nonfinite_total,
+                "train_time_s": train_time,
                 "reason": reason,
                 "config": dataclasses.asdict(cfg),
             }
@@ -428,6 +433,7 @@ class Trainer:
                         parts[name] = parts.get(name, 0.0) + float(value)
                 step += 1
                 step_time = time.perf_counter() - step_start
+                train_time += step_time
                 summed = torch.cat([totals, torch.tensor([parts[k] for k in sorted(parts)], dtype=torch.float64)])
                 dist.all_reduce(summed)
                 micro = summed[1].item()
@@ -441,6 +447,8 @@ class Trainer:
                     "samples_per_s": cfg.train.global_batch_size / step_time,
                     "tokens_per_s": summed[2].item() / step_time,
                     "step_time_s": step_time,
+                    "samples_total": float(step * cfg.train.global_batch_size),
+                    "train_time_s": train_time,
                     "tflops_per_s": summed[3].item() / step_time / 1e12,
                     "data_wait_s": data_wait,
                     "memory_mb": peak_memory_mb(self.device),
@@ -452,8 +460,10 @@ class Trainer:
                         handle.write(json.dumps({"step": step, **row}) + "\n")
                     window.append(row)
                     if step % cfg.run.log_every == 0 or step == cfg.train.total_steps:
-                        tracker.log_metrics({k: sum(r[k] for r in window) / len(window) for k in row}, step=step)
-                        log.info("step %d loss %.4f lr %.2e %.1f samples/s", step, row["loss"], row["lr"], row["samples_per_s"])
+                        logged = window_metrics(window)
+                        tracker.log_metrics(logged, step=step)
+                        log.info("step %d loss %.4f (mean of the last %d steps) lr %.2e %.1f samples/s", step,
+                                 logged["loss"], len(window), row["lr"], logged["samples_total"] / logged["train_time_s"])
                         window = []
                 if self.stop.signal_name or flags[1] > 0:
                     requested = self.rank == 0 and stop_requested(self.run_dir)

@@ -10,7 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import string
 from typing import Any
+
+MAIN_INPUTS = ("query", "few_shot")
+"""What the main model reads (``data.main_input``): the query alone, or the hypernetwork's input and the query in one
+sequence (FT-Few-Shot and the PEFT baselines trained on it)."""
+FEW_SHOT_QUERY = "\n\nNow complete the following example -\nInput: {input}\nOutput:"
+"""Tk-Instruct's query block after Def+2Pos (its ``Input:`` text gets a final period like the demonstrations')."""
 
 SCHEMA_FIELDS = ("id", "task", "source", "categories", "hyper_input", "input", "targets", "choices", "label")
 
@@ -54,3 +61,23 @@ class Episode:
             raise ValueError(f"episode record lacks field(s) {missing}: {str(record)[:200]}")
         kwargs = {name: record.pop(name) for name in SCHEMA_FIELDS}
         return cls(**kwargs, extra=record)
+
+
+def main_input(episode: Episode, mode: str = "query") -> str:
+    """The main model's input text for ``data.main_input`` ``mode``.
+
+    ``query``: the episode's ``input`` as is (FT-Zero-Shot; HART, HyperTuning and PHA, whose hypernetwork reads the
+    demonstrations). ``few_shot``: the demonstrations and the query in one sequence (FT-Few-Shot): for S-NI
+    Tk-Instruct's layout, Def+2Pos then ``Now complete the following example - Input: <query>. Output:``; for other
+    sources (P3's K demonstrations) the demonstrations, a blank line and the query.
+    """
+    if mode == "query":
+        return episode.input
+    if mode != "few_shot":
+        raise ValueError(f"unknown main input {mode!r} (known: {', '.join(MAIN_INPUTS)})")
+    if episode.source in ("sni", "demo"):
+        query = episode.input.strip()
+        if query and query[-1] not in string.punctuation:
+            query += "."
+        return episode.hyper_input + FEW_SHOT_QUERY.format(input=query)
+    return f"{episode.hyper_input}\n\n{episode.input}"

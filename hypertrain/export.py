@@ -18,23 +18,16 @@ import logging
 import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 import yaml
-from safetensors.torch import load_file
 
-from hypertrain.checkpoint import (
-    CHECKSUM_FILE,
-    STATE_FILE,
-    TRAINABLE_FILE,
-    CheckpointError,
-    Checkpoints,
-    read_state,
-    require_verified,
-    write_checksums,
-)
 from hypertrain.config import Config, from_dict
 
+if TYPE_CHECKING:
+    import torch
+
+# hypertrain.checkpoint (torch, safetensors) is imported where it is used, so that `hypertrain export --help` is fast.
 log = logging.getLogger(__name__)
 CONFIG_FILE = "config.yaml"
 TASKS_FILE = "tasks.json"
@@ -44,6 +37,8 @@ def resolve_checkpoint(path: str | Path, verify: str = "sha256") -> Path:
     """An export or checkpoint directory, or a run directory's latest checkpoint, verified against its
     ``checksums.json`` (a run directory whose ``latest`` is lost or bad gives the newest checkpoint that verifies,
     with a warning). Raises :class:`~hypertrain.checkpoint.CheckpointError` naming what is wrong."""
+    from hypertrain.checkpoint import CHECKSUM_FILE, STATE_FILE, TRAINABLE_FILE, Checkpoints, require_verified
+
     path = Path(path)
     if (path / STATE_FILE).is_file() or (path / CHECKSUM_FILE).is_file():  # a checkpoint, or a checksummed export
         if verify != "none":  # "none": the caller verified this directory already
@@ -62,6 +57,8 @@ def resolve_checkpoint(path: str | Path, verify: str = "sha256") -> Path:
 
 def read_run_info(path: Path) -> tuple[Config, list[str]]:
     """The configuration and task list stored with a checkpoint or an export."""
+    from hypertrain.checkpoint import STATE_FILE, read_state
+
     if (path / STATE_FILE).is_file():
         state = read_state(path)
         return from_dict(Config, state["config"]), list(state["tasks"])
@@ -72,6 +69,8 @@ def read_run_info(path: Path) -> tuple[Config, list[str]]:
 
 def export(checkpoint: str | Path, out: str | Path) -> Path:
     """Write ``trainable.safetensors``, ``config.yaml`` and ``tasks.json`` of a checkpoint to ``out``."""
+    from hypertrain.checkpoint import TRAINABLE_FILE, write_checksums
+
     source = resolve_checkpoint(checkpoint)
     cfg, tasks = read_run_info(source)
     out = Path(out)
@@ -83,10 +82,44 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
     return out
 
 
+def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
+    """A full fine-tuning run's T5 as a Hugging Face checkpoint directory (``save_pretrained`` weights and config,
+    tokenizer files): ``model.name: <out>`` loads it anywhere, as a frozen main model or a hypernetwork's start."""
+    from hypertrain.checkpoint import CheckpointError
+
+    method, cfg, _tasks = load_trained_method(checkpoint, "cpu")
+    if cfg.method != "finetune":
+        raise CheckpointError(
+            f"{checkpoint}: --hf writes a fine-tuned T5, and this is a {cfg.method} run whose main model is frozen "
+            f"(it is {cfg.model.name!r} unchanged); export its trained parameters without --hf"
+        )
+    return write_hf_checkpoint(method, cfg, out)
+
+
+def write_hf_checkpoint(method: torch.nn.Module, cfg: Config, out: str | Path) -> Path:
+    """A full fine-tuning method's T5 (``method.main.t5``) as ``save_pretrained`` files + the tokenizer's."""
+    from hypertrain.models.registry import load_tokenizer
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    method.main.t5.save_pretrained(out, safe_serialization=True)
+    # Plain T5 as far as anyone loading it can tell: the class hypertrain swapped in is not named, and lm_head is
+    # declared untied (it is its own matrix, as in T5 v1.1; transformers 5 writes tie_word_embeddings: true).
+    config_file = out / "config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config.update(architectures=["T5ForConditionalGeneration"], tie_word_embeddings=False)
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    load_tokenizer(cfg.model.tokenizer or cfg.model.name).save_pretrained(out)
+    return out
+
+
 def load_trained_method(
     path: str | Path, device: str | torch.device = "cpu", verify: str = "sha256"
 ) -> tuple[torch.nn.Module, Config, list[str]]:
     """Rebuild the method of a checkpoint or export and load its trained parameters (eval mode)."""
+    from safetensors.torch import load_file
+
+    from hypertrain.checkpoint import TRAINABLE_FILE, CheckpointError
     from hypertrain.models.build import build_method
 
     source = resolve_checkpoint(path, verify)
@@ -112,18 +145,29 @@ def load_trained_method(
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("export", help="write a checkpoint's trained hypernetwork as safetensors + config")
+    parser = subparsers.add_parser(
+        "export", help="write a checkpoint's trained parameters as safetensors + config (or, --hf, a fine-tuned T5)",
+        description="Write a checkpoint's trained parameters (safetensors, config, task list; loadable without "
+        "DeepSpeed), or with --hf a full fine-tuning run's T5 as a Hugging Face checkpoint directory.",
+    )
     parser.add_argument("checkpoint", help="checkpoint directory (or a run directory: its latest checkpoint)")
     parser.add_argument("out", help="output directory")
+    parser.add_argument("--hf", action="store_true",
+                        help="method finetune: save_pretrained weights + tokenizer files, loadable as model.name: OUT")
     parser.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
+    from hypertrain.checkpoint import TRAINABLE_FILE, CheckpointError
+
     try:
-        out = export(args.checkpoint, args.out)
-    except (CheckpointError, FileNotFoundError) as err:
+        out = export_hf(args.checkpoint, args.out) if args.hf else export(args.checkpoint, args.out)
+    except (CheckpointError, FileNotFoundError, ValueError) as err:
         print(f"export failed: {err}", file=sys.stderr)
         return 2
+    if args.hf:
+        print(f"exported {args.checkpoint} to {out} as a Hugging Face checkpoint (use it as model.name: {out})")
+        return 0
     size = (out / TRAINABLE_FILE).stat().st_size / 2**20
     print(f"exported {args.checkpoint} to {out} ({size:.1f} MiB of trained weights, verified)")
     return 0

@@ -348,19 +348,21 @@ def _main_model(
     fusion_grad: bool,
     encoder_adapter: int = 0,
     decoder_adapter: int = 0,
+    trainable: bool = False,
 ) -> dict[str, Flops]:
-    """The frozen main T5: encoder (+prefixes/adapters), decoder over [fusion ; encoder states], LM head."""
+    """The main T5: encoder (+prefixes/adapters), decoder over [fusion ; encoder states], LM head; frozen, or with
+    every weight trainable (full fine-tuning: the embedding lookups need no matmul of their own)."""
     prefix_grad = prefix > 0
     enc, enc_grad = encoder_stack(
-        dims, lengths.input, layers=dims.encoder_layers, input_grad=False, trainable=False,
+        dims, lengths.input, layers=dims.encoder_layers, input_grad=trainable, trainable=trainable,
         prefix=prefix, prefix_grad=prefix_grad, adapter=encoder_adapter, adapter_grad=True,
     )
     dec, dec_grad = decoder_stack(
-        dims, lengths.target, fusion + lengths.input, layers=dims.decoder_layers, input_grad=False,
-        memory_grad=enc_grad or fusion_grad, trainable=False, prefix=prefix, prefix_grad=prefix_grad,
+        dims, lengths.target, fusion + lengths.input, layers=dims.decoder_layers, input_grad=trainable,
+        memory_grad=enc_grad or fusion_grad, trainable=trainable, prefix=prefix, prefix_grad=prefix_grad,
         adapter=decoder_adapter, adapter_grad=True,
     )
-    head = matmul(lengths.target, dims.d_model, dims.vocab_size, grad_a=dec_grad, grad_b=False)
+    head = matmul(lengths.target, dims.d_model, dims.vocab_size, grad_a=dec_grad, grad_b=trainable)
     return {"main encoder": enc, "main decoder": dec, "main lm head": head}
 
 
@@ -446,6 +448,8 @@ def breakdown(
         return _hart(cfg, dims, lengths, hart_options(cfg)["generator"])
     if cfg.method == "pha":
         return _pha(cfg, dims, lengths, rows_per_example)
+    if cfg.method == "finetune":
+        return _main_model(dims, lengths, prefix=0, fusion=0, fusion_grad=False, trainable=True)
     raise ConfigError(f"method: no FLOP model for {cfg.method!r}")
 
 

@@ -28,8 +28,12 @@ from hypertrain.config import Config, ConfigError, load_config  # noqa: E402
 DEFAULT_DS_CONFIG = Path(__file__).resolve().parents[1] / "ds_configs" / "zero2.json"
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="hypertrain/main.py", description="Train a hypernetwork (HART, HyperTuning, PHA).")
+def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog=prog or "hypertrain/main.py",
+        description="Train a method (HART, HyperTuning, PHA, full fine-tuning) under DeepSpeed; one process, or one "
+        "per GPU under the deepspeed/torchrun launcher.",
+    )
     parser.add_argument("--config", help="experiment YAML (configs/*.yaml)")
     parser.add_argument("--ds_config", "--ds-config", dest="ds_config", default=str(DEFAULT_DS_CONFIG),
                         help="DeepSpeed JSON; 'auto' values are resolved by hypertrain (default: %(default)s)")
@@ -83,10 +87,15 @@ def configure_logging(rank: int) -> None:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    args = parse_args(argv, prog)
     try:
         cfg = load_config(Config, args.config, args.overrides)
+        from hypertrain.preflight import path_problems  # imports torch: not before --help is handled
+
+        problems = path_problems(cfg)
+        if problems:
+            raise ConfigError("; ".join(problems))
         ds_config = resolve_before_launch(cfg, args.ds_config)
     except (ConfigError, ValueError) as err:
         print(f"config error: {err}", file=sys.stderr)
@@ -114,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """``hypertrain train ...``: the same as ``python -m hypertrain.main ...`` (one process, or under a launcher)."""
-    parser = subparsers.add_parser("train", help="train a hypernetwork (see hypertrain/main.py --help)", add_help=False)
+    parser = subparsers.add_parser("train", help="train a method (see hypertrain train --help)", add_help=False)
     parser.add_argument("args", nargs=argparse.REMAINDER)
     parser.set_defaults(func=lambda args: main(args.args))
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from hypertrain.config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def component_counts(method: nn.Module) -> dict[str, Any]:
@@ -90,7 +91,9 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
-        "params", help="trainable/frozen parameter counts of the configured method (meta device, no download)"
+        "params", help="trainable/frozen parameter counts of the configured method (meta device, no download)",
+        description="Build the configured method on the meta device (no download, no memory) and print its trainable "
+        "and frozen parameters by component.",
     )
     parser.add_argument("--config", required=True, help="YAML config file")
     parser.add_argument("--json", action="store_true", help="print JSON")

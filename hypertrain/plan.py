@@ -5,7 +5,7 @@ and gradients, each replicated or partitioned according to the ZeRO stage of ``-
 the micro batch (with or without activation checkpointing) + a fixed reserve (CUDA context, NCCL, allocator
 fragmentation). The activation model counts the tensors autograd keeps for the backward, layer by layer, from
 the HF T5 code path (``docs/performance.md`` has the per-layer formulas); it is validated against the measured
-peak of live tensor bytes on CPU (:class:`LiveTensorBytes`, ``tests/test_plan.py``). The run time is
+peak of live tensor bytes on CPU (:mod:`hypertrain.memory_probe`, ``tests/test_plan.py``). The run time is
 ``flops_per_sample · global batch · steps / (N · peak · MFU)`` (:mod:`hypertrain.flops`).
 """
 
@@ -14,12 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import weakref
 from typing import Any, Literal
-
-import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from hypertrain.config import Config, ConfigError, load_config
 from hypertrain.flops import Lengths, T5Dims, breakdown, dims_for, flops_per_sample, lengths_for, peak_flops
@@ -27,76 +22,6 @@ from hypertrain.flops import Lengths, T5Dims, breakdown, dims_for, flops_per_sam
 GIB = 2**30
 Attention = Literal["materialized", "fused"]
 CHECKPOINTING = ("none", "main", "hypernetwork", "both")
-
-# --------------------------------------------------------------------------------------------------
-# Measuring: live tensor bytes on any device (the CPU analogue of torch.cuda.max_memory_allocated)
-# --------------------------------------------------------------------------------------------------
-
-
-def _storage_key(t: torch.Tensor) -> int:
-    return t.untyped_storage()._cdata
-
-
-class LiveTensorBytes(TorchDispatchMode):
-    """Tracks the bytes of tensor storages created inside the context while they are alive, and their peak.
-
-    Every op's output storage is counted once when it first appears and uncounted when it is freed (a weakref
-    finaliser on the storage), so ``peak`` is the high-water mark of memory held by tensors made inside the
-    context, i.e. what ``torch.cuda.max_memory_allocated`` reports on a GPU minus the pre-existing weights and
-    without the caching allocator's rounding. CPU autograd runs the backward on the calling thread, so the
-    backward's allocations are seen too.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._live: dict[int, int] = {}
-        self.current = 0
-        self.peak = 0
-
-    def reset_peak(self) -> None:
-        self.peak = self.current
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        # views and in-place ops return an input's storage: not an allocation (weights made before the
-        # context stay uncounted even when an op views them)
-        inputs = {_storage_key(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.device.type != "meta" and _storage_key(t) not in inputs:
-                self._track(t)
-        return out
-
-    def _track(self, t: torch.Tensor) -> None:
-        storage = t.untyped_storage()
-        key = storage._cdata
-        if key in self._live or storage.nbytes() == 0:
-            return
-        nbytes = storage.nbytes()
-        self._live[key] = nbytes
-        self.current += nbytes
-        self.peak = max(self.peak, self.current)
-        weakref.finalize(storage, self._free, key)
-
-    def _free(self, key: int) -> None:
-        self.current -= self._live.pop(key, 0)
-
-
-def measure_step(method: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Activation memory of one training step (forward + backward) on CPU: ``kept`` (live bytes at the end of
-    the forward) and ``peak``. Gradient buffers are allocated beforehand, so only activations are measured."""
-    import gc
-
-    for p in method.parameters():
-        if p.requires_grad and p.grad is None:
-            p.grad = torch.zeros_like(p)
-    with LiveTensorBytes() as tracker:
-        out = method(batch)
-        gc.collect()
-        kept = tracker.current
-        out.loss.backward()
-        del out
-    return {"kept": float(kept), "peak": float(tracker.peak)}
-
 
 # --------------------------------------------------------------------------------------------------
 # Activation model: bytes autograd keeps for the backward, per layer
@@ -478,6 +403,8 @@ def activation_stacks(
                 decoder_adapter=cfg.pha.adapter_bottleneck,
             )
         )
+    elif cfg.method == "finetune":
+        out.update(_main_stacks(settings, dims, batch, lengths, prefix=0, fusion=0, trainable=True))
     else:
         raise ConfigError(f"method: no memory model for {cfg.method!r}")
     return out
@@ -493,44 +420,52 @@ def _main_stacks(
     fusion: int,
     encoder_adapter: int = 0,
     decoder_adapter: int = 0,
+    trainable: bool = False,
 ) -> dict[str, StackActivations]:
+    """The main model's two stacks: frozen (PEFT methods), or every weight trainable (full fine-tuning: the
+    embedding output needs a gradient, so each stack also keeps its embedding dropout's mask and the token ids)."""
     d = dims.d_model
     enc_rows, dec_rows = batch * lengths.input, batch * lengths.target
-    layers, grad = [], False
+    embedding = (lambda rows: st.mask * rows * d + 8 * rows) if trainable else (lambda rows: 0.0)
+    layers, grad = [], trainable
     for _ in range(dims.encoder_layers):
         b, grad = encoder_layer_bytes(
-            st, dims, batch, lengths.input, prefix=prefix, x_grad=grad, trainable=False,
+            st, dims, batch, lengths.input, prefix=prefix, x_grad=grad, trainable=trainable,
             prefix_grad=prefix > 0, adapter=encoder_adapter,
         )
         layers.append(b)
+    if trainable:
+        layers[0] += 8 * lengths.input**2  # int64 relative-position buckets (the bias trains)
     enc = StackActivations(
         layers,
         boundary=enc_rows * d * st.dtype_bytes,
-        end=_stack_end(st, enc_rows, d, grad=grad, trainable=False),
+        end=_stack_end(st, enc_rows, d, grad=grad, trainable=trainable) + embedding(enc_rows),
         checkpoint_inputs=_checkpoint_inputs(st, dims, batch, lengths.input, lengths.input, causal=False),
-        input_grad=False,
+        input_grad=trainable,
     )
     memory_grad = grad or fusion > 0
-    layers, dgrad = [], False
+    layers, dgrad = [], trainable
     for _ in range(dims.decoder_layers):
         b, dgrad = decoder_layer_bytes(
             st, dims, batch, lengths.target, fusion + lengths.input, prefix=prefix, cross_bias=False,
-            x_grad=dgrad, memory_grad=memory_grad, trainable=False, prefix_grad=prefix > 0,
+            x_grad=dgrad, memory_grad=memory_grad, trainable=trainable, prefix_grad=prefix > 0,
             adapter=decoder_adapter,
         )
         layers.append(b)
+    if trainable:
+        layers[0] += 8 * lengths.target**2
     # LM head: the logits (returned) and log-softmax's output (kept for the loss's backward)
     logits = 2 * dec_rows * dims.vocab_size * st.dtype_bytes
     memory = fusion + lengths.input
     dec = StackActivations(
         layers,
         boundary=dec_rows * d * st.dtype_bytes,
-        end=_stack_end(st, dec_rows, d, grad=dgrad, trainable=False) + logits,
+        end=_stack_end(st, dec_rows, d, grad=dgrad, trainable=trainable) + logits + embedding(dec_rows),
         # self-attention bias and mask, the memory [B, M, d], the cross-attention's zero bias and its mask
         checkpoint_inputs=_checkpoint_inputs(st, dims, batch, lengths.target, lengths.target, causal=True)
         + _checkpoint_inputs(st, dims, batch, lengths.target, memory, causal=False)
         + batch * memory * d * st.dtype_bytes,
-        input_grad=False,
+        input_grad=trainable,
     )
     return {"main encoder": enc, "main decoder": dec}
 
@@ -815,7 +750,9 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
-        "plan", help="memory per GPU, largest micro batch, accumulation and run time of a config (no GPU needed)"
+        "plan", help="memory per GPU, largest micro batch, accumulation and run time of a config (no GPU needed)",
+        description="Estimate a config's memory per GPU (model states under its ZeRO stage + activations), the largest "
+        "micro batch that fits, the gradient accumulation and the run time, without a GPU.",
     )
     parser.add_argument("--config", required=True, help="YAML config file")
     parser.add_argument("--gpus", type=int, required=True, help="number of GPUs (data-parallel world size)")
@@ -836,10 +773,8 @@ def register(subparsers: Any) -> None:
 
 __all__ = [
     "ActivationSettings",
-    "LiveTensorBytes",
     "activation_bytes",
     "activation_stacks",
     "make_plan",
-    "measure_step",
     "state_bytes",
 ]

@@ -696,6 +696,16 @@ def read_run_id(run_dir: str | Path) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+CUMULATIVE_METRICS = ("samples_total", "train_time_s")
+"""Running totals since step 0 (resumes included): a logging window reports their last value, not their mean;
+throughput is ``samples_total / train_time_s``."""
+
+
+def window_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
+    """One logged row for a window of per-step rows: each metric's mean, a running total's last value."""
+    return {k: rows[-1][k] if k in CUMULATIVE_METRICS else sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+
+
 def backfill_rows(
     metrics_file: str | Path, after: int, through: int, log_every: int, last_step: int
 ) -> list[tuple[int, dict[str, float]]]:
@@ -721,5 +731,5 @@ def backfill_rows(
     out = []
     for end, rows in sorted(windows.items()):
         if after < end <= through and all(r.keys() == rows[0].keys() for r in rows):
-            out.append((end, {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}))
+            out.append((end, window_metrics(rows)))
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -67,6 +68,8 @@ def test_demo_rejects_bad_options_and_an_existing_demo(tmp_path):
         DemoOptions(methods=("hart", "lora"))
     with pytest.raises(DemoError, match="--steps"):
         DemoOptions(steps=0)
+    with pytest.raises(DemoError, match="--main-steps"):
+        DemoOptions(main_steps=0)
     with pytest.raises(DemoError, match="--size"):
         DemoOptions(size="huge")
     (tmp_path / "runs").mkdir()
@@ -74,31 +77,64 @@ def test_demo_rejects_bad_options_and_an_existing_demo(tmp_path):
         run_demo(DemoOptions(out=str(tmp_path)))
 
 
-def test_demo_end_to_end_at_its_smallest_size(tmp_path):
+def test_the_main_model_cache_key_follows_what_the_model_depends_on():
+    key = DemoOptions().main_model_key()
+    assert DemoOptions(out="elsewhere", steps=5, methods=("pha",), eval_examples=3).main_model_key() == key
+    assert DemoOptions(main_steps=7).main_model_key() != key
+    assert DemoOptions(seed=1).main_model_key() != key
+    assert DemoOptions(train_tasks=4).main_model_key() != key
+
+
+def _demo(out: Path, cache: Path) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "hypertrain.cli", "demo", "--out", str(out), "--steps", "8", "--main-steps", "12",
+               "--methods", "ft_few_shot,hart,pha", "--train-tasks", "8", "--test-tasks", "2", "--instances", "16",
+               "--eval-examples", "4", "--cache", str(cache)]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+
+
+def test_demo_end_to_end_at_its_smallest_size_and_the_cached_main_model(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    out = tmp_path / "demo"
-    command = [sys.executable, "-m", "hypertrain.cli", "demo", "--out", str(out), "--steps", "12", "--methods", "hart,pha",
-               "--train-tasks", "8", "--test-tasks", "2", "--instances", "16", "--eval-examples", "4"]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    out, cache = tmp_path / "demo", tmp_path / "cache"
+    result = _demo(out, cache)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     stdout = result.stdout
+    assert "main model" in stdout and "trained in" in stdout
     table = stdout[stdout.index("run "):].splitlines()
-    assert "sni rougeL" in table[0] and "train loss" in table[0]
-    assert [line.split()[:2] for line in table[2:4]] == [["hart", "hart"], ["pha", "pha"]]
+    assert "sni rougeL" in table[0] and "train loss (last window)" in table[0]
+    assert [line.split()[0] for line in table[2:6]] == ["floor", "ft_few_shot", "hart", "pha"]
     assert f"mlflow ui --backend-store-uri sqlite:///{out / 'mlflow.db'}" in stdout
-    assert "hart: 100%" in result.stderr and "12/12" in result.stderr  # the progress bars
+    assert "hart: 100%" in result.stderr and "8/8" in result.stderr  # the progress bars
     for name in ("loss.png", "eval.png", "throughput.png"):
         assert (out / "compare" / name).read_bytes()[:8] == PNG_MAGIC
+    rows = list(csv.reader((out / "compare" / "comparison.csv").open()))
+    hart_row = dict(zip(rows[0], next(r for r in rows if r[1] == "hart"), strict=True))
+    assert float(hart_row["samples_per_s"]) > 0 and float(hart_row["eval/sni/rougeL"]) >= 0  # raw numbers
+
+    models = [p for p in cache.iterdir() if not p.name.startswith(".")]
+    assert len(models) == 1 and (models[0] / "config.json").is_file()
+    stage = json.loads((models[0] / "demo_stage.json").read_text())
+    assert stage["options"]["main_steps"] == 12
 
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("demo").experiment_id])
-    assert sorted(r.info.run_name for r in runs) == ["hart", "pha"]
-    for run in runs:
-        assert run.info.status == "FINISHED"
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")][-1] == 12
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("demo").experiment_id])}
+    assert sorted(runs) == ["floor (no PEFT)", "ft_few_shot", "hart", "main model", "pha"]
+    for name in ("ft_few_shot", "hart", "pha"):
+        run = runs[name]
+        assert run.info.status == "FINISHED" and run.data.params["model.name"] == str(models[0])
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")][-1] == 8
         assert run.data.metrics["eval/sni/num_examples"] == 8  # 2 held-out tasks x 4 examples
-        assert "eval/sni/rougeL" in run.data.metrics
-        assert any(k.startswith("eval/sni/category/") for k in run.data.metrics)
-        assert (out / "runs" / run.info.run_name / "checkpoints" / "latest").is_file()
+        assert (out / "runs" / name / "checkpoints" / "latest").is_file()
+    assert runs["ft_few_shot"].data.params["data.main_input"] == "few_shot"
+    assert runs["floor (no PEFT)"].data.params["data.main_input"] == "query"
+    assert "eval/sni/rougeL" in runs["floor (no PEFT)"].data.metrics
+    # the held-out tasks never entered the main model's training
+    train_tasks = set(json.loads((out / "data" / "train" / "manifest.json").read_text())["tasks"])
+    test_tasks = set(json.loads((out / "data" / "test" / "manifest.json").read_text())["tasks"])
+    assert runs["main model"].data.tags["datasets"] == str(out / "data" / "train") and not train_tasks & test_tasks
+
+    again = _demo(tmp_path / "demo2", cache)  # same options: the main model comes from the cache
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "reused from the cache" in again.stdout
+    assert not (tmp_path / "demo2" / "runs" / "main model").exists()

@@ -13,6 +13,7 @@ from hypertrain.cli import main as cli
 from hypertrain.config import Config, load_config
 from hypertrain.engine import enable_activation_checkpointing
 from hypertrain.flops import Lengths, T5Dims
+from hypertrain.memory_probe import LiveTensorBytes, measure_step
 from hypertrain.models.build import build_method
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -20,7 +21,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 def test_live_tensor_bytes_counts_allocations_not_views_or_weights():
     weight = torch.randn(256, 256)  # made outside: never counted, even when viewed inside
-    with P.LiveTensorBytes() as tracker:
+    with LiveTensorBytes() as tracker:
         a = torch.randn(1000)
         b = a[:10].view(2, 5)  # a view: no new storage
         c = weight.t() @ torch.ones(256)
@@ -56,7 +57,7 @@ def _measure(config: str, overrides: list[str], *, dropout: bool, checkpointing:
     }
     batch["attention_mask"][0, -5:] = 0  # padding: masks are per example
     batch["hyper_attention_mask"][0, -7:] = 0
-    return cfg, P.measure_step(method, batch)
+    return cfg, measure_step(method, batch)
 
 
 # (config, overrides, attention model, dropout, checkpointing): CPU runs SDPA with dropout on its math path
@@ -71,6 +72,8 @@ CASES = [
     ("hart_tiny.yaml", ["model.attn_implementation=sdpa"], "fused", False, "main"),
     ("hart_tiny.yaml", ["method=hypertuning", "hart.generator=parallel"], "materialized", True, "hypernetwork"),
     ("pha_tiny.yaml", ["model.attn_implementation=eager", "pha.tasks=[a,b]"], "materialized", True, "none"),
+    ("hart_tiny.yaml", ["method=finetune", "model.attn_implementation=eager"], "materialized", True, "none"),
+    ("hart_tiny.yaml", ["method=finetune", "model.attn_implementation=sdpa"], "fused", False, "main"),
 ]
 
 
@@ -107,7 +110,7 @@ def test_fused_decode_model_matches_the_measured_decode(batch, memory, steps, la
     demos = torch.randn(batch, memory, t5.config.d_model, requires_grad=True)
     mask = torch.ones(batch, memory, dtype=torch.long)
     mask[0, -3:] = 0
-    with P.LiveTensorBytes() as tracker:
+    with LiveTensorBytes() as tracker:
         states = method.autoregressive_states(demos, mask)
         gc.collect()
         kept = tracker.current

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from hypertrain.episode import Episode
+from hypertrain.episode import Episode, main_input
 
 IGNORE_INDEX = -100
 CHARS_PER_TOKEN_BOUND = 32
@@ -17,7 +17,9 @@ token spans at most one)."""
 class EpisodeCollator:
     """Tokenizes the main input, the first target and the hypernetwork input of each episode, and pads.
 
-    Inputs are truncated to their maximum lengths (the tokenizer appends EOS within the limit). Padding is to
+    The main input is the episode's query or, with ``main_input_mode="few_shot"``, its demonstrations and query in
+    one sequence (:func:`~hypertrain.episode.main_input`); ``with_hyper=False`` (a method without a hypernetwork)
+    gives zero-width hypernetwork tensors. Inputs are truncated to their maximum lengths (the tokenizer appends EOS within the limit). Padding is to
     the longest sequence in the batch, or to the maximum lengths with ``pad_to_max`` (static shapes, which
     compiled or CUDA-graphed steps want). Label padding is -100. ``task_ids`` index the run's sorted task list;
     a task outside it gets -1.
@@ -31,6 +33,8 @@ class EpisodeCollator:
         max_target_tokens: int,
         max_hyper_input_tokens: int,
         pad_to_max: bool = False,
+        main_input_mode: str = "query",
+        with_hyper: bool = True,
     ) -> None:
         self.tokenizer = tokenizer
         self.task_index = dict(task_index)
@@ -38,6 +42,8 @@ class EpisodeCollator:
         self.max_target_tokens = max_target_tokens
         self.max_hyper_input_tokens = max_hyper_input_tokens
         self.pad_to_max = pad_to_max
+        self.main_input_mode = main_input_mode
+        self.with_hyper = with_hyper
 
     def _encode(self, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
         # Tokenizing a 5 MB input in full to keep its first few hundred tokens takes seconds: cut the text first,
@@ -61,8 +67,12 @@ class EpisodeCollator:
         )
 
     def __call__(self, episodes: Sequence[Episode]) -> dict[str, torch.Tensor]:
-        main = self._encode([e.input for e in episodes], self.max_input_tokens)
-        hyper = self._encode([e.hyper_input for e in episodes], self.max_hyper_input_tokens)
+        main = self._encode([main_input(e, self.main_input_mode) for e in episodes], self.max_input_tokens)
+        if self.with_hyper:
+            hyper = self._encode([e.hyper_input for e in episodes], self.max_hyper_input_tokens)
+        else:  # a method without a hypernetwork (full fine-tuning): zero-width, nothing tokenized or counted
+            empty = torch.zeros(len(episodes), 0, dtype=torch.long)
+            hyper = {"input_ids": empty, "attention_mask": empty}
         target = self._encode([e.targets[0] for e in episodes], self.max_target_tokens)
         labels = target["input_ids"].masked_fill(target["attention_mask"] == 0, IGNORE_INDEX)
         return {

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import Tensor
 
-from hypertrain.episode import Episode
+from hypertrain.episode import Episode, main_input
 
 if TYPE_CHECKING:
     from hypertrain.models.t5_main import FrozenT5, PeftParams
@@ -42,10 +42,14 @@ def _whole(param: torch.nn.Parameter) -> contextlib.AbstractContextManager[Any]:
 class Tokens:
     """The training collator's tokenization (truncation, EOS, padding to the longest), on ``device``."""
 
-    def __init__(self, tokenizer: Any, max_input: int, max_target: int, max_hyper: int, device: torch.device) -> None:
+    def __init__(
+        self, tokenizer: Any, max_input: int, max_target: int, max_hyper: int, device: torch.device,
+        main_input_mode: str = "query",
+    ) -> None:
         self.tokenizer = tokenizer
         self.max_input, self.max_target, self.max_hyper = max_input, max_target, max_hyper
         self.device = device
+        self.main_input_mode = main_input_mode
 
     def _encode(self, texts: Sequence[str], max_length: int) -> tuple[Tensor, Tensor]:
         out = self.tokenizer(list(texts), max_length=max_length, truncation=True, padding="longest", return_tensors="pt")
@@ -53,6 +57,10 @@ class Tokens:
 
     def inputs(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
         return self._encode(texts, self.max_input)
+
+    def main_inputs(self, episodes: Sequence[Episode]) -> tuple[Tensor, Tensor]:
+        """The main model's input of each episode, as in training (``data.main_input``)."""
+        return self.inputs([main_input(e, self.main_input_mode) for e in episodes])
 
     def hyper(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
         return self._encode(texts, self.max_hyper)
@@ -117,7 +125,7 @@ class PhaEval:
         chosen = episodes[: self.retrieval_instances] if self.retrieval_instances else episodes
         z = []
         for start in range(0, len(chosen), self.chunk_size):
-            ids, mask = self.tokens.inputs([e.input for e in chosen[start : start + self.chunk_size]])
+            ids, mask = self.tokens.main_inputs(chosen[start : start + self.chunk_size])
             z.append(method.encode(ids, mask)[1])
         with _whole(method.prototypes.weight):
             protos = method.prototypes.weight
@@ -143,7 +151,10 @@ class PhaEval:
 
 
 def eval_model(method: Any, tokens: Tokens, chunk_size: int, retrieval_instances: int = 0) -> EvalModel:
-    """The evaluation view of a built method (an unwrapped ``nn.Module``: HART, HyperTuning or PHA)."""
+    """The evaluation view of a built method (an unwrapped ``nn.Module``: HART, HyperTuning, PHA, or one that is its
+    own view, such as full fine-tuning)."""
+    if hasattr(method, "task_peft") and hasattr(method, "main"):
+        return method
     if hasattr(method, "generate_peft"):
         return HartEval(method, tokens)
     if hasattr(method, "prototypes") and hasattr(method, "decoder_adapters"):

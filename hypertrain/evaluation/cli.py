@@ -1,9 +1,10 @@
 """``hypertrain eval --checkpoint DIR --data DIR... [--out DIR]``: evaluate a trained method on its own.
 
 Loads an export, a checkpoint or a run directory's latest checkpoint (:func:`hypertrain.export.load_trained_method`,
-no DeepSpeed), evaluates it on prepared S-NI / P3 evaluation directories and writes ``metrics.json``,
-``<set>_predictions.jsonl`` and ``<set>_tasks.csv`` to ``--out``; with ``--tracking-uri`` (or
-``$MLFLOW_TRACKING_URI``) the metrics and files also go to MLflow at the checkpoint's step. Under ``torchrun``
+no DeepSpeed), or a Hugging Face T5 directory evaluated as it is (no PEFT: the floor a method must beat), evaluates
+it on prepared S-NI / P3 evaluation directories and writes ``metrics.json``, ``<set>_predictions.jsonl`` and
+``<set>_tasks.csv`` to ``--out``; with ``--tracking-uri`` (or ``$MLFLOW_TRACKING_URI``) the metrics and files also
+go to MLflow at the checkpoint's step. Under ``torchrun``
 (``WORLD_SIZE`` > 1) the ranks share the work exactly as in training.
 """
 
@@ -30,13 +31,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "eval", help="evaluate a checkpoint: S-NI exact match / ROUGE-L, P3 rank-classification accuracy",
         description=__doc__.split("\n\n")[0] if __doc__ else None,
     )
-    parser.add_argument("--checkpoint", required=True, help="export, checkpoint or run directory")
+    parser.add_argument("--checkpoint", required=True,
+                        help="export, checkpoint or run directory; or a Hugging Face T5 directory (evaluated as it is, "
+                        "without PEFT: the no-PEFT floor)")
     parser.add_argument("--data", nargs="+", metavar="DIR",
                         help="prepared evaluation directories or their manifest.json (default: the run's eval.data)")
     parser.add_argument("--out", help="output directory (default: eval/<checkpoint name>)")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     for name in OPTIONS:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, dest=name, help=f"eval.{name} (default: the run's)")
+    parser.add_argument("--main-input", choices=["query", "few_shot"],
+                        help="data.main_input: what the main model reads (default: the run's; query on a fine-tuned "
+                        "model without PEFT is the no-PEFT floor)")
     parser.add_argument("--step", type=int, help="step to log the metrics at (default: the checkpoint's)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI; none: no MLflow)")
     parser.add_argument("--experiment", help="MLflow experiment (default: the run's)")
@@ -77,23 +83,32 @@ def _run(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
 
-    from hypertrain.checkpoint import CheckpointError
+    from hypertrain.checkpoint import STATE_FILE, CheckpointError
+    from hypertrain.config import Config, ModelConfig
     from hypertrain.evaluation.data import EvalError
     from hypertrain.evaluation.runner import cached_eval_sets, evaluate, report
     from hypertrain.export import load_trained_method, resolve_checkpoint
-    from hypertrain.models.registry import load_tokenizer
+    from hypertrain.models.build import build_method
+    from hypertrain.models.registry import is_local_checkpoint, load_tokenizer
 
     kind = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     rank, world_size, device, created = _setup_distributed(kind)
     tracker = None
     status = "FINISHED"
     try:
-        source = resolve_checkpoint(args.checkpoint)
-        method, cfg, _tasks = load_trained_method(source, device, verify="none")  # resolve_checkpoint verified it
+        if is_local_checkpoint(args.checkpoint) and not (Path(args.checkpoint) / STATE_FILE).is_file():
+            source = Path(args.checkpoint)  # a Hugging Face model directory: the model as it is, no PEFT
+            cfg = Config(method="finetune", model=ModelConfig(name=str(source)))
+            method = build_method(cfg, device).eval()
+        else:
+            source = resolve_checkpoint(args.checkpoint)
+            method, cfg, _tasks = load_trained_method(source, device, verify="none")  # resolve_checkpoint verified it
         overrides = {name: getattr(args, name) for name in OPTIONS if getattr(args, name) is not None}
         if args.data:
             overrides["data"] = list(args.data)
         cfg.eval = dataclasses.replace(cfg.eval, **overrides)
+        if args.main_input:
+            cfg.data = dataclasses.replace(cfg.data, main_input=args.main_input)
         if not cfg.eval.data:
             raise EvalError("nothing to evaluate: give --data (the checkpoint's run has no eval.data)")
         sets = cached_eval_sets(cfg.eval.data, cfg.eval.max_examples_per_task)
@@ -110,6 +125,7 @@ def _run(args: argparse.Namespace) -> int:
                                   run_name=args.run_name or f"eval-{source.name}", run_id=args.run_id)
                 params = {} if args.run_id else {
                     "checkpoint": str(source), "method": cfg.method, "model.name": cfg.model.name,
+                    "data.main_input": cfg.data.main_input,
                     **{f"eval.{k}": v for k, v in dataclasses.asdict(cfg.eval).items()},
                 }
                 tracker.start(params=params, tags={"hypertrain.kind": "eval", "method": cfg.method})

@@ -75,7 +75,7 @@ def score_choices_reencoding(
 
 def score(main: FrozenT5, tokens: Tokens, episodes: Sequence[Episode], peft: PeftParams) -> list[list[float]]:
     """Per episode, the score of each of its choices."""
-    ids, mask = tokens.inputs([e.input for e in episodes])
+    ids, mask = tokens.main_inputs(episodes)
     labels, owner = choice_rows(tokens, episodes)
     flat = score_choices(main, peft, ids, mask, labels, owner).tolist()
     out: list[list[float]] = [[] for _ in episodes]

@@ -24,7 +24,7 @@ def generate(
     synced: bool = False,
 ) -> list[str]:
     """Decoded predictions (greedy for ``num_beams=1``; no sampling) for a batch of one task's episodes."""
-    ids, mask = tokens.inputs([e.input for e in episodes])
+    ids, mask = tokens.main_inputs(episodes)
     out = main.generate(
         ids, mask, peft=peft, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
         synced_gpus=synced,

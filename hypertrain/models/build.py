@@ -96,10 +96,18 @@ def build_pha(config: Config, device: Device = "cpu") -> nn.Module:
     return build_pha_method(config, build_main(config, device), device)
 
 
+def build_finetune(config: Config, device: Device = "cpu") -> nn.Module:
+    """Full fine-tuning: the main T5 with every weight trainable (FT-Zero-Shot / FT-Few-Shot)."""
+    from hypertrain.models.finetune import FullFineTuning
+
+    return FullFineTuning(build_main(config, device))
+
+
 BUILDERS: dict[str, Callable[[Config, Device], nn.Module]] = {
     "hart": build_hart,
     "hypertuning": build_hart,
     "pha": build_pha,
+    "finetune": build_finetune,
 }
 
 
