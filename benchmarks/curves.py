@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from data_prep.shards import read_episodes  # noqa: E402
 from hypertrain import quick  # noqa: E402
 from hypertrain.config import Config, load_config  # noqa: E402
 
@@ -153,9 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     train_dir, probe_dir = prepare_data(out)
-    train = quick.read_episodes(train_dir)
+    train = read_episodes(train_dir)
     seen = {(e.task, e.input) for e in train}
-    probe = [e for e in quick.read_episodes(probe_dir) if (e.task, e.input) not in seen]
+    probe = [e for e in read_episodes(probe_dir) if (e.task, e.input) not in seen]
     main = main_model(out, train, args.main_steps)
     seeds = range(args.seeds)
     results: dict = {"steps": args.steps, "seeds": args.seeds, "figure3": {}, "figure4": {}}

@@ -150,8 +150,9 @@ class HartConfig:
     alpha: float | None = None
     """Weight of the local consistency loss; ``None``: 1.0 autoregressive, 0.0 parallel (paper: 1, 10 or 20)."""
     consistency: Literal["batch_mean", "per_example", "per_task"] = "batch_mean"
-    """What is compared between consecutive steps: the batch mean of the states, row i with row i, or per-task
-    means of the tasks in both batches."""
+    """What is compared between consecutive steps: the batch mean of the states (default), row i with row i, or
+    per-task means of the tasks in both batches. ``docs/models.md`` has the evidence: ``per_example`` erased the
+    task from the prefixes in a measured setting; ``batch_mean`` helped and never goes silent."""
     fusion: bool = True
     """Fusion-in-decoder: the main decoder also attends to the hypernetwork encoder's output."""
     share_head_layernorm: bool = False

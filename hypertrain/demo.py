@@ -1,25 +1,28 @@
 """``hypertrain demo``: a small, real experiment on a laptop: tasks, prep, a trained main model, hypernetworks, scores.
 
-    hypertrain demo                                   # the CPU demo: about 10 minutes on 2 cores
+    hypertrain demo                                   # the CPU demo: 7 min 37 s on a quiet 2-core machine
     hypertrain demo --steps 20 --main-steps 40 --methods hart,pha --train-tasks 8 --test-tasks 2   # the smoke test
     hypertrain demo --device cuda --size small --steps 2000                      # pretrained T5-small on a GPU
 
 1. generates the demonstration tasks (:mod:`data_prep.demo`: string edits, arithmetic, classification by rule,
-   word lists; 34 training and 8 held-out tasks) in the S-NI layout under ``OUT/tasks`` and runs the real S-NI prep
-   on both splits (``OUT/data/train``, ``OUT/data/test``);
-2. trains the main model: the random-weight ``tiny`` T5 is fully fine-tuned (``method: finetune``) on the
-   **training** tasks, first on the bare query (FT-Zero-Shot, ``--main-steps``), then on Def+2Pos and the query in
-   one sequence (FT-Few-Shot, ``--steps``), and saved as a Hugging Face directory. The held-out tasks never enter
-   this stage (nor any other training). The result is cached under ``--cache`` by the options that made it, so a
-   second demo with the same options skips this stage. Pretrained sizes (``--size small`` ...) skip it;
-3. evaluates the main model on the held-out tasks twice: on the bare query without PEFT (the **floor** every method
-   must beat) and on Def+2Pos + query (**FT-Few-Shot**);
-4. trains HART, HyperTuning and PHA with ``python -m hypertrain.main`` (one process each; ``OUT/runs/<method>``, log
-   in ``OUT/logs/<method>.log``) over the frozen main model, their hypernetworks initialised from it, and evaluates
-   each on the held-out tasks (S-NI ROUGE-L / exact match, overall and per task family);
+   word lists; 34 training and 8 held-out tasks) in the S-NI layout and runs the real S-NI prep: ``OUT/data/train``,
+   ``OUT/data/test`` (the held-out tasks) and ``OUT/data/seen_tasks`` (new instances of the training tasks, inputs
+   that no training instance has);
+2. trains the main model: the random-weight ``tiny`` T5 is fully fine-tuned (``method: finetune``, FT-Zero-Shot)
+   on the **training** tasks' bare queries for ``--main-steps`` and saved as a Hugging Face directory. The held-out
+   tasks never enter this stage (nor any other training). The directory is cached under ``--cache`` by the options
+   that made it, so a second demo with the same options skips this stage. Pretrained sizes (``--size small`` ...)
+   have no such stage;
+3. evaluates the main model alone on the bare queries: the **floor** every method must beat (``hypertrain eval`` of
+   the directory);
+4. trains FT-Few-Shot (all weights, from the main model, on Def+2Pos + query), HART, HyperTuning and PHA (over the
+   frozen main model, their hypernetworks initialised from it) with ``python -m hypertrain.main`` (one process each;
+   ``OUT/runs/<name>``, log in ``OUT/logs/<name>.log``), each evaluated on both sets (S-NI ROUGE-L / exact match,
+   overall and per task family);
 5. prints the comparison table from the MLflow store ``OUT/mlflow.db`` (experiment ``demo``) and writes its plots.
 
-Measured on a quiet 2-core machine: see the README ("Demo and run comparison").
+Measured on a quiet 2-core machine with the defaults: 457 s (7 min 37 s) in all, of which the main model's training
+took 121 s (a second demo with the same options skips it). The table it printed is in the README.
 """
 
 from __future__ import annotations
@@ -36,6 +39,10 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from data_prep.demo import DemoTasksConfig
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("ft_few_shot", "hart", "hypertuning", "pha")
@@ -44,6 +51,9 @@ MAIN_STAGE_VERSION = 1
 """Part of the main-model cache key: bump it when the stage's recipe changes."""
 FLOOR_RUN, FEW_SHOT_RUN = "floor (no PEFT)", "ft_few_shot"
 STAGES = 5
+TABLE_METRICS = ("eval/sni_test/rougeL", "eval/sni_test/exact_match", "eval/sni_seen_tasks/rougeL",
+                 "eval/sni_test/category/*/rougeL")
+"""The printed table's eval columns (MLflow has every metric: ``hypertrain compare --metric`` shows others)."""
 
 
 class DemoError(RuntimeError):
@@ -57,12 +67,12 @@ def default_cache() -> str:
 
 @dataclasses.dataclass
 class DemoOptions:
-    """``hypertrain demo``'s options (defaults: the CPU demo, about 10 minutes on 2 cores)."""
+    """``hypertrain demo``'s options (defaults: the CPU demo, 7.6 minutes on 2 cores)."""
 
     out: str = "runs/demo"
-    steps: int = 300
+    steps: int = 200
     """Training steps of every method (FT-Few-Shot, HART, HyperTuning, PHA)."""
-    main_steps: int = 1200
+    main_steps: int = 1000
     """Steps of the main model's FT-Zero-Shot training (``tiny`` only)."""
     size: str = "tiny"
     device: str = "cpu"
@@ -122,26 +132,50 @@ def _print(message: str) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def make_data(opts: DemoOptions, out: Path) -> tuple[Path, Path]:
-    """Generate the tasks and run the S-NI prep on both splits; returns (train dir, test dir)."""
+def make_data(opts: DemoOptions, out: Path) -> tuple[Path, list[Path]]:
+    """Generate the tasks and run the S-NI prep; returns the training directory and the evaluation directories:
+    the held-out tasks (``test``) and new instances of the training tasks (``seen_tasks``)."""
     from data_prep.demo import DemoTasksConfig, generate
     from data_prep.runner import PrepError
     from data_prep.sni import prepare
     from hypertrain.config import SNIPrepConfig
 
     src = out / "tasks"
-    train, test = generate(DemoTasksConfig(out=str(src), seed=opts.seed, instances_per_task=opts.instances,
-                                           num_train_tasks=opts.train_tasks, num_test_tasks=opts.test_tasks))
-    dirs = (out / "data" / "train", out / "data" / "test")
-    for split, directory in zip(("train", "test"), dirs, strict=True):
+    config = DemoTasksConfig(out=str(src), seed=opts.seed, instances_per_task=opts.instances,
+                             num_train_tasks=opts.train_tasks, num_test_tasks=opts.test_tasks)
+    train, test = generate(config)
+    seen_src = new_instances_of(config, train, out / "seen_tasks", opts.eval_examples)
+    jobs = [(src, "train", out / "data" / "train"), (src, "test", out / "data" / "test"),
+            (seen_src, "test", out / "data" / "seen_tasks")]
+    for source, split, directory in jobs:
         try:
-            prepare(SNIPrepConfig(src=str(src), out=str(directory), split=split,
+            prepare(SNIPrepConfig(src=str(source), out=str(directory), split=split,
                                   max_instances_per_task=opts.instances, seed=opts.seed))
         except PrepError as err:
-            raise DemoError(f"S-NI prep of the demo tasks ({split}) failed: {err}") from err
+            raise DemoError(f"S-NI prep of the demo tasks ({directory.name}) failed: {err}") from err
     _print(f"[1/{STAGES}] {len(train)} training and {len(test)} held-out tasks ({opts.instances} instances each) in "
-           f"{src} (S-NI layout), prepared into {dirs[0]} and {dirs[1]}")
-    return dirs
+           f"{src} (S-NI layout), prepared into {out / 'data'}; evaluation: the held-out tasks (test) and new "
+           "instances of the training tasks (seen_tasks)")
+    return jobs[0][2], [jobs[1][2], jobs[2][2]]
+
+
+def new_instances_of(config: DemoTasksConfig, tasks: Sequence[str], out: Path, count: int) -> Path:
+    """The training tasks again, in the S-NI layout as test tasks, with ``count`` instances each drawn with another
+    seed whose input no training instance of that task has: what a method learnt about telling the training tasks
+    apart, on inputs it has not seen."""
+    from data_prep.demo import DemoTasksConfig, generate
+
+    short = tuple(name.removeprefix("demo_") for name in tasks)
+    generate(DemoTasksConfig(out=str(out), seed=config.seed + 1, instances_per_task=max(4, 3 * count),
+                             test_names=short))
+    for name in tasks:
+        trained = json.loads((Path(config.out) / "tasks" / f"{name}.json").read_text(encoding="utf-8"))
+        seen = {instance["input"] for instance in trained["Instances"]}
+        path = out / "tasks" / f"{name}.json"
+        record = json.loads(path.read_text(encoding="utf-8"))
+        record["Instances"] = [i for i in record["Instances"] if i["input"] not in seen][:count]
+        path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    return out
 
 
 def config_for(method: str, size: str) -> tuple[str, list[str]]:
@@ -183,14 +217,16 @@ class Job:
     evaluate: bool = True
 
 
-def training_command(opts: DemoOptions, job: Job, train: Path, test: Path, run_dir: Path, ds_config: Path) -> list[str]:
+def training_command(opts: DemoOptions, job: Job, train: Path, evals: list[Path], run_dir: Path,
+                     ds_config: Path) -> list[str]:
     config, overrides = config_for(job.method, opts.size)
     micro = min(job.batch_size, 16)
     few_shot = "data.main_input=few_shot" in overrides
     return [
         sys.executable, "-m", "hypertrain.main", "--config", config, "--ds_config", str(ds_config),
         *overrides, f"model.name={job.model}",
-        f"data.train=[{train}]", f"eval.data=[{test}]" if job.evaluate else "eval.data=[]", f"run.dir={run_dir}",
+        f"data.train=[{train}]", f"eval.data=[{','.join(map(str, evals))}]" if job.evaluate else "eval.data=[]",
+        f"run.dir={run_dir}",
         f"run.experiment={EXPERIMENT}", f"run.name={job.name}", "run.resume=never", f"run.checkpoint_every={job.steps}",
         "run.keep_last=1", f"run.log_every={max(1, min(10, job.steps // 20))}",
         f"train.total_steps={job.steps}", f"train.warmup_steps={min(job.steps // 10, 30)}",
@@ -272,19 +308,19 @@ def run_child(command: list[str], log_path: Path, env: dict[str, str], label: st
     return time.monotonic() - start
 
 
-def train_job(opts: DemoOptions, job: Job, train: Path, test: Path, out: Path, tracking_uri: str) -> float:
+def train_job(opts: DemoOptions, job: Job, train: Path, evals: list[Path], out: Path, tracking_uri: str) -> float:
     """Train (and evaluate) one run in a child process with a progress bar; returns the seconds it took."""
     run_dir = out / "runs" / job.name
-    command = training_command(opts, job, train, test, run_dir, out / "ds_config.json")
+    command = training_command(opts, job, train, evals, run_dir, out / "ds_config.json")
     return run_child(command, out / "logs" / f"{job.name}.log", _child_env(opts, tracking_uri), job.name, job.steps,
                      run_dir / "metrics.jsonl")
 
 
-def evaluate_model(opts: DemoOptions, model: str, name: str, main_input: str, test: Path, out: Path,
+def evaluate_model(opts: DemoOptions, model: str, name: str, main_input: str, evals: list[Path], out: Path,
                    tracking_uri: str) -> float:
-    """``hypertrain eval`` of a plain T5 directory (no PEFT) on the held-out tasks, logged as MLflow run ``name``."""
+    """``hypertrain eval`` of a plain T5 directory (no PEFT) on the evaluation sets, logged as MLflow run ``name``."""
     command = [
-        sys.executable, "-m", "hypertrain.cli", "eval", "--checkpoint", model, "--data", str(test),
+        sys.executable, "-m", "hypertrain.cli", "eval", "--checkpoint", model, "--data", *map(str, evals),
         "--main-input", main_input, "--out", str(out / "eval" / name.split()[0]), "--device", opts.device,
         "--max-examples-per-task", str(opts.eval_examples), "--max-new-tokens", "48", "--batch-size", "32",
         "--tracking-uri", tracking_uri, "--experiment", EXPERIMENT, "--run-name", name,
@@ -293,7 +329,7 @@ def evaluate_model(opts: DemoOptions, model: str, name: str, main_input: str, te
     return run_child(command, out / "logs" / f"{label}.log", _child_env(opts, tracking_uri), label, 1, None)
 
 
-def main_model(opts: DemoOptions, train: Path, test: Path, out: Path, tracking_uri: str) -> tuple[str, str]:
+def main_model(opts: DemoOptions, train: Path, evals: list[Path], out: Path, tracking_uri: str) -> tuple[str, str]:
     """The main model every method uses (a directory, or a pretrained name) and a line saying where it came from.
 
     ``tiny``: FT-Zero-Shot on the training tasks (``--main-steps``), exported as a Hugging Face directory into the
@@ -306,14 +342,13 @@ def main_model(opts: DemoOptions, train: Path, test: Path, out: Path, tracking_u
     if (final / "config.json").is_file() and (final / "demo_stage.json").is_file():
         return str(final), f"reused from the cache {final} (same options; --no-cache retrains it)"
     job = Job("main model", "finetune", opts.size, opts.main_steps, opts.main_lr, opts.main_batch_size, evaluate=False)
-    seconds = train_job(opts, job, train, test, out, tracking_uri)
-    from hypertrain.export import export_hf
-
+    seconds = train_job(opts, job, train, evals, out, tracking_uri)
     staging = cache / f".{key}.staging-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     cache.mkdir(parents=True, exist_ok=True)
     try:
-        export_hf(out / "runs" / job.name, staging)
+        export = [sys.executable, "-m", "hypertrain.cli", "export", str(out / "runs" / job.name), str(staging), "--hf"]
+        run_child(export, out / "logs" / "main model export.log", _child_env(opts, tracking_uri), "export", 1, None)
         record = {"options": dataclasses.asdict(opts), "key": key, "run": str(out / "runs" / job.name),
                   "trained_on": "the demo's training tasks only (query -> target)", "seconds": round(seconds, 1)}
         (staging / "demo_stage.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
@@ -340,26 +375,31 @@ def run_demo(opts: DemoOptions) -> int:
         raise DemoError(f"{out} already holds a demo (runs/ or mlflow.db); pass another --out or remove it")
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    train, test = make_data(opts, out)
+    train, evals = make_data(opts, out)
     tracking_uri = f"sqlite:///{out / 'mlflow.db'}"
     write_ds_config(out)
-    model, origin = main_model(opts, train, test, out, tracking_uri)
+    model, origin = main_model(opts, train, evals, out, tracking_uri)
     _print(f"[2/{STAGES}] main model {model}: {origin}")
-    floor_seconds = evaluate_model(opts, model, FLOOR_RUN, "query", test, out, tracking_uri)
-    _print(f"[3/{STAGES}] floor: the main model on the bare held-out queries, without PEFT ({floor_seconds:.0f} s)")
-    _print(f"[4/{STAGES}] training {', '.join(opts.methods)} over the frozen main model ({opts.steps} steps, batch "
-           f"{opts.batch_size}, {opts.device}); logs in {out / 'logs'}")
+    floor_seconds = evaluate_model(opts, model, FLOOR_RUN, "query", evals, out, tracking_uri)
+    _print(f"[3/{STAGES}] floor: the main model alone on the bare queries of both evaluation sets ({floor_seconds:.0f} s)")
+    hyper = [m for m in opts.methods if m != "ft_few_shot"]
+    what = ([f"{', '.join(hyper)} over the frozen main model"] if hyper else []) + (
+        ["ft_few_shot (all weights, from the main model)"] if "ft_few_shot" in opts.methods else [])
+    _print(f"[4/{STAGES}] training {' and '.join(what)}: {opts.steps} steps, batch {opts.batch_size}, {opts.device}; "
+           f"logs in {out / 'logs'}")
     for job in method_jobs(opts, model):
-        seconds = train_job(opts, job, train, test, out, tracking_uri)
+        seconds = train_job(opts, job, train, evals, out, tracking_uri)
         _print(f"      {job.name}: trained and evaluated in {seconds:.0f} s")
     _print(f"[5/{STAGES}] comparison (from MLflow)")
-    table, files = compare(tracking_uri, EXPERIMENT, out=out / "compare", exclude=("main model",))
+    table, files = compare(tracking_uri, EXPERIMENT, metrics=TABLE_METRICS, out=out / "compare", exclude=("main model",))
     _print("")
     _print(table)
     _print("")
-    held_out = len(json.loads((test / "manifest.json").read_text(encoding="utf-8"))["tasks"])
-    _print(f"eval columns: S-NI ROUGE-L / exact match (0-100) on the {held_out} held-out tasks (first "
-           f"{opts.eval_examples} examples each), overall and per task family; the floor is the main model alone")
+    held_out = len(json.loads((evals[0] / "manifest.json").read_text(encoding="utf-8"))["tasks"])
+    seen = len(json.loads((evals[1] / "manifest.json").read_text(encoding="utf-8"))["tasks"])
+    _print(f"eval columns: S-NI ROUGE-L / exact match (0-100); sni_test: the {held_out} held-out tasks (first "
+           f"{opts.eval_examples} examples each, overall and per task family); sni_seen_tasks: {opts.eval_examples} new "
+           f"instances of each of the {seen} training tasks. The floor is the main model alone, on the bare query.")
     _print(f"plots:     {files['loss']}\n           {files['eval']}\n           {files['throughput']}")
     _print(f"table:     {files['table']}")
     _print(f"MLflow UI: mlflow ui --backend-store-uri {tracking_uri}   (then open http://127.0.0.1:5000)")

@@ -21,13 +21,6 @@ from hypertrain.episode import Episode
 from hypertrain.evaluation.data import EvalSet
 
 
-def read_episodes(directory: str | Path) -> list[Episode]:
-    """Every episode of a prepared directory, in shard order."""
-    from hypertrain.evaluation.data import load_eval_set
-
-    return list(load_eval_set(directory).episodes)
-
-
 def batches(
     episodes: Sequence[Episode], collate: EpisodeCollator, batch_size: int, seed: int
 ) -> Iterator[dict[str, torch.Tensor]]:

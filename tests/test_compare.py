@@ -88,10 +88,17 @@ def test_compare_prints_the_table_and_writes_valid_pngs(two_runs, tmp_path, caps
         assert rows[name][4] == f"{run.data.metrics['loss']:.3f}"  # the last logged training loss
         assert f"{run.data.metrics['eval/sni/rougeL']:.2f}" in rows[name]
 
+    assert "train loss (last window)" in header  # a window mean, not the last step the console printed
     with open(out / "comparison.csv", encoding="utf-8") as handle:
         table = list(csv.DictReader(handle))
     assert {row["run_id"] for row in table} == set(ids.values())
-    assert all(row["sni rougeL"] != "-" for row in table)
+    for row in table:  # raw numbers, not the table's formatted strings
+        run = client.get_run(row["run_id"])
+        assert float(row["eval/sni/rougeL"]) == run.data.metrics["eval/sni/rougeL"]
+        assert float(row["train_loss_last_window"]) == run.data.metrics["loss"]
+        # throughput: total samples over total step time (not a mean of per-window rates)
+        assert float(row["samples_per_s"]) == pytest.approx(STEPS * 8 / run.data.metrics["train_time_s"])
+        assert row["mfu"] == ""  # none logged on CPU: empty, not "-"
     assert (out / "comparison.md").read_text().startswith("| run ")
     for name in ("loss.png", "eval.png", "throughput.png"):
         assert_png(out / name)
@@ -127,3 +134,26 @@ def test_metric_globs_stay_within_a_path_segment():
                                                               "eval/sni/exact_match"]
     assert not glob_regex("eval/*/rougeL").match("eval/sni/category/x/rougeL")
     assert metric_label("eval/sni/category/String_Edits/rougeL") == "sni String_Edits rougeL"
+
+
+def test_the_eval_axis_names_the_metrics_and_their_scale():
+    from hypertrain.compare import eval_axis_label
+
+    assert eval_axis_label(["eval/sni/rougeL", "eval/sni/category/Arithmetic/rougeL", "eval/sni/exact_match"]) == (
+        "ROUGE-L / exact match (0-100)")
+    assert eval_axis_label(["eval/p3/accuracy"]) == "accuracy (0-100)"
+
+
+def test_cli_help_names_each_command_and_imports_no_torch():
+    """``hypertrain --help`` and each command's help: a description, the right program name, and no torch import
+    (which alone takes seconds)."""
+    probe = ("import sys; from hypertrain.cli import main\n"
+             "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+             "print('TORCH' if 'torch' in sys.modules else 'NO TORCH')")
+    for args in ([], ["train"], ["params"], ["plan"], ["export"], ["compare"], ["eval"], ["demo"], ["stop"]):
+        result = subprocess.run([sys.executable, "-c", probe, *args, "--help"], cwd=REPO, capture_output=True, text=True,
+                                timeout=60)
+        assert result.stdout.rstrip().endswith("NO TORCH"), (args, result.stdout[-500:], result.stderr[-500:])
+        usage = result.stdout.splitlines()[0]
+        assert usage.startswith(f"usage: hypertrain {args[0] if args else ''}".rstrip()), usage
+        assert len([line for line in result.stdout.split("\n\n") if line.strip()]) >= 3, result.stdout  # a description

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from data_prep.demo import DEFAULT_TEST_TASKS, FAMILIES, TASKS, DemoTasksConfig, generate, task_name
+from data_prep.shards import read_episodes
 from data_prep.sni import prepare
 from hypertrain.config import SNIPrepConfig
 from hypertrain.demo import DemoError, DemoOptions, run_demo
@@ -85,9 +86,9 @@ def test_the_main_model_cache_key_follows_what_the_model_depends_on():
     assert DemoOptions(train_tasks=4).main_model_key() != key
 
 
-def _demo(out: Path, cache: Path) -> subprocess.CompletedProcess:
+def _demo(out: Path, cache: Path, methods: str = "ft_few_shot,hart,pha") -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "hypertrain.cli", "demo", "--out", str(out), "--steps", "8", "--main-steps", "12",
-               "--methods", "ft_few_shot,hart,pha", "--train-tasks", "8", "--test-tasks", "2", "--instances", "16",
+               "--methods", methods, "--train-tasks", "8", "--test-tasks", "2", "--instances", "16",
                "--eval-examples", "4", "--cache", str(cache)]
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
 
@@ -102,7 +103,7 @@ def test_demo_end_to_end_at_its_smallest_size_and_the_cached_main_model(tmp_path
     stdout = result.stdout
     assert "main model" in stdout and "trained in" in stdout
     table = stdout[stdout.index("run "):].splitlines()
-    assert "sni rougeL" in table[0] and "train loss (last window)" in table[0]
+    assert "sni_test rougeL" in table[0] and "sni_seen_tasks rougeL" in table[0] and "train loss (last window)" in table[0]
     assert [line.split()[0] for line in table[2:6]] == ["floor", "ft_few_shot", "hart", "pha"]
     assert f"mlflow ui --backend-store-uri sqlite:///{out / 'mlflow.db'}" in stdout
     assert "hart: 100%" in result.stderr and "8/8" in result.stderr  # the progress bars
@@ -110,7 +111,7 @@ def test_demo_end_to_end_at_its_smallest_size_and_the_cached_main_model(tmp_path
         assert (out / "compare" / name).read_bytes()[:8] == PNG_MAGIC
     rows = list(csv.reader((out / "compare" / "comparison.csv").open()))
     hart_row = dict(zip(rows[0], next(r for r in rows if r[1] == "hart"), strict=True))
-    assert float(hart_row["samples_per_s"]) > 0 and float(hart_row["eval/sni/rougeL"]) >= 0  # raw numbers
+    assert float(hart_row["samples_per_s"]) > 0 and float(hart_row["eval/sni_test/rougeL"]) >= 0  # raw numbers
 
     models = [p for p in cache.iterdir() if not p.name.startswith(".")]
     assert len(models) == 1 and (models[0] / "config.json").is_file()
@@ -124,17 +125,22 @@ def test_demo_end_to_end_at_its_smallest_size_and_the_cached_main_model(tmp_path
         run = runs[name]
         assert run.info.status == "FINISHED" and run.data.params["model.name"] == str(models[0])
         assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")][-1] == 8
-        assert run.data.metrics["eval/sni/num_examples"] == 8  # 2 held-out tasks x 4 examples
+        assert run.data.metrics["eval/sni_test/num_examples"] == 8  # 2 held-out tasks x 4 examples
+        assert 0 < run.data.metrics["eval/sni_seen_tasks/num_examples"] <= 8 * 4  # new instances of training tasks
         assert (out / "runs" / name / "checkpoints" / "latest").is_file()
     assert runs["ft_few_shot"].data.params["data.main_input"] == "few_shot"
     assert runs["floor (no PEFT)"].data.params["data.main_input"] == "query"
-    assert "eval/sni/rougeL" in runs["floor (no PEFT)"].data.metrics
+    assert "eval/sni_test/rougeL" in runs["floor (no PEFT)"].data.metrics
+    # new instances of the training tasks: inputs that no training instance of the task has
+    trained = {(e.task, e.input) for e in read_episodes(out / "data" / "train")}
+    seen_set = read_episodes(out / "data" / "seen_tasks")
+    assert seen_set and not {(e.task, e.input) for e in seen_set} & trained
     # the held-out tasks never entered the main model's training
     train_tasks = set(json.loads((out / "data" / "train" / "manifest.json").read_text())["tasks"])
     test_tasks = set(json.loads((out / "data" / "test" / "manifest.json").read_text())["tasks"])
     assert runs["main model"].data.tags["datasets"] == str(out / "data" / "train") and not train_tasks & test_tasks
 
-    again = _demo(tmp_path / "demo2", cache)  # same options: the main model comes from the cache
+    again = _demo(tmp_path / "demo2", cache, methods="pha")  # same main-model options: it comes from the cache
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "reused from the cache" in again.stdout
     assert not (tmp_path / "demo2" / "runs" / "main model").exists()
