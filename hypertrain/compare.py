@@ -7,9 +7,9 @@ Runs come from ``MlflowClient.search_runs`` (``--experiment``, newest first) or 
 one row per run: method, model, steps, the last logged training loss (the mean over the last ``run.log_every``
 steps), the final value of every selected ``eval/...`` metric (whatever the evaluation logged: S-NI
 ``rougeL``/``exact_match`` overall and per category, P3 accuracy, ..., all on a 0-100 scale), samples/s (total
-samples over total step time) and MFU (when the run logged one). ``comparison.csv`` holds the raw numbers. ``--out`` receives ``comparison.md``,
-``comparison.csv`` and three plots: ``loss.png`` (loss curves overlaid), ``eval.png`` (eval metrics as grouped
-bars) and ``throughput.png`` (samples/s and MFU or tokens/s per run).
+samples over total step time) and MFU (when the run logged one). ``--out`` receives ``comparison.md``,
+``comparison.csv`` (the same columns as raw numbers, empty where missing) and three plots: ``loss.png`` (loss curves
+overlaid), ``eval.png`` (eval metrics as grouped bars) and ``throughput.png`` (samples/s and MFU or tokens/s).
 """
 
 from __future__ import annotations

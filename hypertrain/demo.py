@@ -363,8 +363,8 @@ def main_model(opts: DemoOptions, train: Path, evals: list[Path], out: Path, tra
 
 
 def method_jobs(opts: DemoOptions, model: str) -> list[Job]:
-    lr = opts.lr if opts.lr is not None else 1e-3
-    return [Job(method, method, model, opts.steps, lr, opts.batch_size) for method in opts.methods]
+    assert opts.lr is not None  # DemoOptions sets it
+    return [Job(method, method, model, opts.steps, opts.lr, opts.batch_size) for method in opts.methods]
 
 
 def run_demo(opts: DemoOptions) -> int:
@@ -398,8 +398,8 @@ def run_demo(opts: DemoOptions) -> int:
     held_out = len(json.loads((evals[0] / "manifest.json").read_text(encoding="utf-8"))["tasks"])
     seen = len(json.loads((evals[1] / "manifest.json").read_text(encoding="utf-8"))["tasks"])
     _print(f"eval columns: S-NI ROUGE-L / exact match (0-100); sni_test: the {held_out} held-out tasks (first "
-           f"{opts.eval_examples} examples each, overall and per task family); sni_seen_tasks: {opts.eval_examples} new "
-           f"instances of each of the {seen} training tasks. The floor is the main model alone, on the bare query.")
+           f"{opts.eval_examples} examples each, overall and per task family); sni_seen_tasks: up to {opts.eval_examples} "
+           f"new instances of each of {seen} training tasks. The floor is the main model alone, on the bare query.")
     _print(f"plots:     {files['loss']}\n           {files['eval']}\n           {files['throughput']}")
     _print(f"table:     {files['table']}")
     _print(f"MLflow UI: mlflow ui --backend-store-uri {tracking_uri}   (then open http://127.0.0.1:5000)")

@@ -19,10 +19,10 @@ class EpisodeCollator:
 
     The main input is the episode's query or, with ``main_input_mode="few_shot"``, its demonstrations and query in
     one sequence (:func:`~hypertrain.episode.main_input`); ``with_hyper=False`` (a method without a hypernetwork)
-    gives zero-width hypernetwork tensors. Inputs are truncated to their maximum lengths (the tokenizer appends EOS within the limit). Padding is to
-    the longest sequence in the batch, or to the maximum lengths with ``pad_to_max`` (static shapes, which
-    compiled or CUDA-graphed steps want). Label padding is -100. ``task_ids`` index the run's sorted task list;
-    a task outside it gets -1.
+    gives zero-width hypernetwork tensors. Inputs are truncated to their maximum lengths (the tokenizer appends EOS
+    within the limit). Padding is to the longest sequence in the batch, or to the maximum lengths with
+    ``pad_to_max`` (static shapes, which compiled or CUDA-graphed steps want). Label padding is -100. ``task_ids``
+    index the run's sorted task list; a task outside it gets -1.
     """
 
     def __init__(

@@ -32,8 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__.split("\n\n")[0] if __doc__ else None,
     )
     parser.add_argument("--checkpoint", required=True,
-                        help="export, checkpoint or run directory; or a Hugging Face T5 directory (evaluated as it is, "
-                        "without PEFT: the no-PEFT floor)")
+                        help="export, checkpoint or run directory; or a Hugging Face T5 directory or a registered T5 "
+                        "name such as small (evaluated as it is, without PEFT: the no-PEFT floor)")
     parser.add_argument("--data", nargs="+", metavar="DIR",
                         help="prepared evaluation directories or their manifest.json (default: the run's eval.data)")
     parser.add_argument("--out", help="output directory (default: eval/<checkpoint name>)")
@@ -89,15 +89,16 @@ def _run(args: argparse.Namespace) -> int:
     from hypertrain.evaluation.runner import cached_eval_sets, evaluate, report
     from hypertrain.export import load_trained_method, resolve_checkpoint
     from hypertrain.models.build import build_method
-    from hypertrain.models.registry import is_local_checkpoint, load_tokenizer
+    from hypertrain.models.registry import canonical_name, is_local_checkpoint, load_tokenizer
 
     kind = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     rank, world_size, device, created = _setup_distributed(kind)
     tracker = None
     status = "FINISHED"
     try:
-        if is_local_checkpoint(args.checkpoint) and not (Path(args.checkpoint) / STATE_FILE).is_file():
-            source = Path(args.checkpoint)  # a Hugging Face model directory: the model as it is, no PEFT
+        plain_directory = is_local_checkpoint(args.checkpoint) and not (Path(args.checkpoint) / STATE_FILE).is_file()
+        if plain_directory or (canonical_name(args.checkpoint) and not Path(args.checkpoint).exists()):
+            source = Path(args.checkpoint)  # a Hugging Face directory or a registered T5: as it is, no PEFT
             cfg = Config(method="finetune", model=ModelConfig(name=str(source)))
             method = build_method(cfg, device).eval()
         else:
