@@ -97,20 +97,30 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
 
 
 def write_hf_checkpoint(method: torch.nn.Module, cfg: Config, out: str | Path) -> Path:
-    """A full fine-tuning method's T5 (``method.main.t5``) as ``save_pretrained`` files + the tokenizer's."""
+    """A full fine-tuning method's T5 (``method.main.t5``) as ``save_pretrained`` files + the tokenizer's.
+
+    Written beside ``out`` and swapped in when complete (:mod:`data_prep.staging`): a failed export leaves an
+    earlier one in ``out`` as it was."""
+    from data_prep.staging import commit, discard, staging_dir
     from hypertrain.models.registry import load_tokenizer
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    method.main.t5.save_pretrained(out, safe_serialization=True)
-    # Plain T5 as far as anyone loading it can tell: the class hypertrain swapped in is not named, and lm_head is
-    # declared untied (it is its own matrix, as in T5 v1.1; transformers 5 writes tie_word_embeddings: true).
-    config_file = out / "config.json"
-    config = json.loads(config_file.read_text(encoding="utf-8"))
-    config.update(architectures=["T5ForConditionalGeneration"], tie_word_embeddings=False)
-    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    load_tokenizer(cfg.model.tokenizer or cfg.model.name).save_pretrained(out)
-    return out
+    staging = staging_dir(out, shared=False)
+    discard(staging)
+    try:
+        staging.mkdir(parents=True)
+        method.main.t5.save_pretrained(staging, safe_serialization=True)
+        # Plain T5 as far as anyone loading it can tell: the class hypertrain swapped in is not named, and lm_head is
+        # declared untied (it is its own matrix, as in T5 v1.1; transformers 5 writes tie_word_embeddings: true).
+        config_file = staging / "config.json"
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        config.update(architectures=["T5ForConditionalGeneration"], tie_word_embeddings=False)
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        load_tokenizer(cfg.model.tokenizer or cfg.model.name).save_pretrained(staging)
+        commit(staging, out)
+    except BaseException:
+        discard(staging)
+        raise
+    return Path(out)
 
 
 def load_trained_method(

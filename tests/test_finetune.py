@@ -130,3 +130,26 @@ def test_a_two_rank_deepspeed_run_exports_a_model_that_model_name_loads(tiny_dat
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads((floor / "metrics.json").read_text())["metrics"]["eval/sni/num_examples"] > 0
+
+
+def test_a_failed_hf_export_leaves_the_earlier_one_as_it_was(tmp_path, monkeypatch):
+    from hypertrain.export import write_hf_checkpoint
+    from hypertrain.models import registry
+
+    cfg = load_config(Config, CONFIGS / "hart_tiny.yaml", ["method=finetune"])
+    method = build_method(cfg, "cpu")
+    out = write_hf_checkpoint(method, cfg, tmp_path / "model")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert {"config.json", "model.safetensors"} <= set(before)
+
+    with torch.no_grad():
+        method.main.t5.shared.weight.add_(1.0)  # a different model...
+
+    def broken(name):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(registry, "load_tokenizer", broken)  # ...whose export fails after the weights are written
+    with pytest.raises(OSError, match="disk full"):
+        write_hf_checkpoint(method, cfg, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no staging directory left behind
