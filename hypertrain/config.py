@@ -173,6 +173,46 @@ class HartConfig:
 
 
 @dataclasses.dataclass
+class PrefixTuningConfig:
+    """Prefix-Tuning (Li & Liang), ``method: prefix_tuning``: one learned prefix per self-attention layer, shared by
+    every task (HART's baseline, trained on FT-Few-Shot's input); ``docs/models.md`` explains each."""
+
+    prefix_length: int = 32
+    """p: prefix key/value vectors per head and layer (HART's hypernetworks use 32)."""
+    reparam: bool = True
+    """Li & Liang's reparametrisation: the prefixes are an MLP of a smaller learned matrix (per stack), which they
+    found trains more stably; ``false`` learns the key/value tensors directly."""
+    reparam_hidden: int = 512
+    """Hidden width of the reparametrisation MLP (Li & Liang: 512 and 800)."""
+
+    def __post_init__(self) -> None:
+        _at_least(self, "prefix_tuning", ("prefix_length", "reparam_hidden"), 1)
+
+
+@dataclasses.dataclass
+class LoraConfig:
+    """LoRA (Hu et al.) through Hugging Face ``peft``, ``method: lora``: one adapter shared by every task (HART's
+    baseline, trained on FT-Few-Shot's input); saved in PEFT's format by ``hypertrain export``."""
+
+    rank: int = 8
+    """r of every low-rank pair (Hu et al.'s GPT-3 experiments: 1-8 on q and v)."""
+    alpha: float = 16.0
+    """Scaling numerator: the update is ``(alpha / rank) * B A``."""
+    dropout: float = 0.0
+    """Dropout on the LoRA branch's input."""
+    target_modules: list[str] = dataclasses.field(default_factory=lambda: ["q", "v"])
+    """Names of the T5 projections that get LoRA (``q``, ``k``, ``v``, ``o`` of every self- and cross-attention;
+    ``wi``, ``wi_0``, ``wi_1``, ``wo`` of the FFN). Default: query and value, as Hu et al."""
+
+    def __post_init__(self) -> None:
+        _at_least(self, "lora", ("rank",), 1)
+        if not self.target_modules:
+            raise ConfigError("lora.target_modules: name at least one projection (e.g. [q, v])")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout: must be in [0, 1), got {self.dropout}")
+
+
+@dataclasses.dataclass
 class DataConfig:
     """Token budgets of the collator (paper: main input 384, target 128, hypernetwork input 1024)."""
 
@@ -366,11 +406,14 @@ class EvalConfig:
 class Config:
     """Top-level experiment configuration (``configs/*.yaml``)."""
 
-    method: Literal["hart", "hypertuning", "pha", "finetune"] = "hart"
+    method: Literal["hart", "hypertuning", "pha", "finetune", "prefix_tuning", "lora"] = "hart"
     """Which method ``build_method`` builds; ``hypertuning`` is ``hart`` with ``hart.generator: parallel``;
-    ``finetune`` trains every weight of the T5 itself (FT-Zero-Shot / FT-Few-Shot, by ``data.main_input``)."""
+    ``finetune`` trains every weight of the T5 itself (FT-Zero-Shot / FT-Few-Shot, by ``data.main_input``);
+    ``prefix_tuning`` and ``lora`` train one PEFT module shared by all tasks (HART's PEFT baselines)."""
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     hart: HartConfig = dataclasses.field(default_factory=HartConfig)
+    prefix_tuning: PrefixTuningConfig = dataclasses.field(default_factory=PrefixTuningConfig)
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     run: RunConfig = dataclasses.field(default_factory=RunConfig)

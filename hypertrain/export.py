@@ -1,7 +1,9 @@
 """``hypertrain export CHECKPOINT OUT``: the trained hypernetwork alone, loadable without DeepSpeed.
 
 An export directory holds ``trainable.safetensors`` (the trained parameters), ``config.yaml`` (the run's
-resolved configuration) and ``tasks.json`` (the training task list, which PHA's prototypes index). The frozen main
+resolved configuration) and ``tasks.json`` (the training task list, which PHA's prototypes index); a LoRA run's
+export also holds the adapter in Hugging Face PEFT's format (``adapter_config.json``,
+``adapter_model.safetensors``: ``PeftModel.from_pretrained(t5, OUT)``). The frozen main
 model is not copied: :func:`load_trained_method` rebuilds it from ``model.name`` (the pretrained checkpoint or,
 for ``tiny``, its seeded random weights) and loads the trained parameters on top. Nothing is unpickled.
 
@@ -78,6 +80,9 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
     shutil.copyfile(source / TRAINABLE_FILE, out / TRAINABLE_FILE)
     (out / CONFIG_FILE).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), encoding="utf-8")
     (out / TASKS_FILE).write_text(json.dumps(tasks, indent=1) + "\n", encoding="utf-8")
+    if cfg.method == "lora":  # also in PEFT's own format: PeftModel.from_pretrained(t5, out) loads it
+        method, _, _ = load_trained_method(source, "cpu", verify="none")
+        method.save_adapter(out)
     write_checksums(out)
     return out
 

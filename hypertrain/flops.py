@@ -366,6 +366,20 @@ def _main_model(
     return {"main encoder": enc, "main decoder": dec, "main lm head": head}
 
 
+LORA_PER_LAYER = {"encoder": {"q": 1, "k": 1, "v": 1, "o": 1, "wi": 1, "wi_0": 1, "wi_1": 1, "wo": 1},
+                  "decoder": {"q": 2, "k": 2, "v": 2, "o": 2, "wi": 1, "wi_0": 1, "wi_1": 1, "wo": 1}}
+"""How many projections of each name one layer holds (the decoder's q/k/v/o: self- and cross-attention)."""
+
+
+def lora_widths(cfg: Config) -> tuple[int, int]:
+    """LoRA's low-rank products per layer, as the width of one bottleneck adapter with the same FLOPs (encoder,
+    decoder): each targeted projection adds d→r→d (exact for d_model-wide projections; T5's d_kv·heads and d_ff
+    widths differ, which changes a term that is < 1% of a step at rank 8)."""
+    rank, targets = cfg.lora.rank, cfg.lora.target_modules
+    return tuple(rank * sum(LORA_PER_LAYER[stack].get(name, 0) for name in targets)  # type: ignore[return-value]
+                 for stack in ("encoder", "decoder"))
+
+
 def _hart(cfg: Config, dims: T5Dims, lengths: Lengths, generator: str) -> dict[str, Flops]:
     hart = cfg.hart
     p, d, layers = hart.prefix_length, dims.d_model, max(dims.encoder_layers, dims.decoder_layers)
@@ -450,6 +464,12 @@ def breakdown(
         return _pha(cfg, dims, lengths, rows_per_example)
     if cfg.method == "finetune":
         return _main_model(dims, lengths, prefix=0, fusion=0, fusion_grad=False, trainable=True)
+    if cfg.method == "prefix_tuning":
+        return _main_model(dims, lengths, prefix=cfg.prefix_tuning.prefix_length, fusion=0, fusion_grad=False)
+    if cfg.method == "lora":
+        encoder, decoder = lora_widths(cfg)
+        return _main_model(dims, lengths, prefix=0, fusion=0, fusion_grad=False, encoder_adapter=encoder,
+                           decoder_adapter=decoder)
     raise ConfigError(f"method: no FLOP model for {cfg.method!r}")
 
 

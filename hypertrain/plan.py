@@ -405,6 +405,14 @@ def activation_stacks(
         )
     elif cfg.method == "finetune":
         out.update(_main_stacks(settings, dims, batch, lengths, prefix=0, fusion=0, trainable=True))
+    elif cfg.method == "prefix_tuning":
+        out.update(_main_stacks(settings, dims, batch, lengths, prefix=cfg.prefix_tuning.prefix_length, fusion=0))
+    elif cfg.method == "lora":
+        from hypertrain.flops import lora_widths
+
+        encoder, decoder = lora_widths(cfg)
+        out.update(_main_stacks(settings, dims, batch, lengths, prefix=0, fusion=0, encoder_adapter=encoder,
+                                decoder_adapter=decoder))
     else:
         raise ConfigError(f"method: no memory model for {cfg.method!r}")
     return out
@@ -619,7 +627,8 @@ def make_plan(
 
     micro = cfg.train.micro_batch_size
     per_ckpt: dict[str, Any] = {}
-    for which in CHECKPOINTING:
+    has_hypernetwork = cfg.method in ("hart", "hypertuning")
+    for which in CHECKPOINTING if has_hypernetwork else ("none", "main"):
         act = activation_bytes(cfg, micro, settings, which, dims=dims)
         best = 0
         for b in range(1, cfg.train.global_batch_size + 1):

@@ -103,11 +103,38 @@ def build_finetune(config: Config, device: Device = "cpu") -> nn.Module:
     return FullFineTuning(build_main(config, device))
 
 
+def build_prefix_tuning(config: Config, device: Device = "cpu") -> nn.Module:
+    """Prefix-Tuning: learned prefixes for every self-attention layer of the frozen T5."""
+    from hypertrain.models.prefix_tuning import PrefixTuning
+
+    options = config.prefix_tuning
+    return PrefixTuning(build_main(config, device), options.prefix_length, options.reparam, options.reparam_hidden)
+
+
+def base_model_name(name: str) -> str:
+    """What an adapter names as its base model: the hub checkpoint of a registered shape, else ``name`` itself."""
+    key = registry.canonical_name(name)
+    return (registry.T5_SHAPES[key].hub_name or name) if key else name
+
+
+def build_lora(config: Config, device: Device = "cpu") -> nn.Module:
+    """LoRA through Hugging Face ``peft`` on the frozen T5's ``lora.target_modules``."""
+    from hypertrain.models.lora import LoraTuning
+
+    options = config.lora
+    return LoraTuning(
+        build_main(config, device), options.rank, options.alpha, options.dropout, options.target_modules,
+        base_model=base_model_name(config.model.name),
+    )
+
+
 BUILDERS: dict[str, Callable[[Config, Device], nn.Module]] = {
     "hart": build_hart,
     "hypertuning": build_hart,
     "pha": build_pha,
     "finetune": build_finetune,
+    "prefix_tuning": build_prefix_tuning,
+    "lora": build_lora,
 }
 
 
