@@ -125,6 +125,41 @@ class P3PrepConfig:
 
 
 @dataclasses.dataclass
+class C4PrepConfig:
+    """Options of ``python -m data_prep.c4`` (C4 → HyperTuning-PT pretraining episodes; see ``docs/training.md``)."""
+
+    src: str = ""
+    """C4 as released: the folder holding ``en/c4-<split>.NNNNN-of-NNNNN.json.gz`` (or ``en/`` itself)."""
+    out: str = ""
+    """Output directory for shards and ``manifest.json``."""
+    split: Literal["train", "validation"] = "train"
+    chunk_words: list[int] = dataclasses.field(default_factory=lambda: [96, 64, 32, 96])
+    """Lengths of the four chunks, in whitespace-separated words: the hypernetwork reads chunks 1 and 4, the main
+    model reads chunk 2 and predicts chunk 3. A document with fewer words than their sum is skipped and counted."""
+    max_files: int = 0
+    """Read only the first N files of the split (in name order); 0 reads all."""
+    max_documents_per_file: int = 0
+    """Episodes kept per file (the first N documents long enough); 0 keeps all."""
+    shard_max_samples: int = 10000
+    shard_max_bytes: int = 256 * 1024**2
+    workers: int = 1
+    num_jobs: int = 1
+    job_index: int = 0
+    skip_bad: bool = False
+    """Skip and count bad records (JSON, UTF-8, no text) and the unreadable rest of a damaged gzip file."""
+    verify: bool = True
+    """Check the output's files (presence, size, sha256) before it replaces ``out``."""
+
+    def __post_init__(self) -> None:
+        _at_least(self, "c4_prep", ("shard_max_samples", "shard_max_bytes", "workers", "num_jobs"), 1)
+        _at_least(self, "c4_prep", ("max_files", "max_documents_per_file"), 0, note="(0 keeps all)")
+        if len(self.chunk_words) != 4 or min(self.chunk_words) < 1:
+            raise ConfigError(f"c4_prep.chunk_words: four lengths >= 1, got {self.chunk_words}")
+        if not 0 <= self.job_index < self.num_jobs:
+            raise ConfigError(f"c4_prep.job_index: must be in [0, num_jobs={self.num_jobs}), got {self.job_index}")
+
+
+@dataclasses.dataclass
 class ModelConfig:
     """Which T5 the pipeline builds: a registry name, a hub name or a local checkpoint path."""
 
