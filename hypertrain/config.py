@@ -302,6 +302,10 @@ class TrainConfig:
     """Gradient-norm clipping (DeepSpeed's ``gradient_clipping``; 0 turns it off)."""
     activation_checkpointing: Literal["none", "main", "hypernetwork", "both"] = "none"
     """Recompute activations in the backward pass: of the frozen main model, the hypernetwork encoder, or both."""
+    init_from: str | None = None
+    """Start the trainable parameters from an earlier run, checkpoint or export of the same method family and main
+    model (HyperTuning-PT: the C4-pretrained hypernetwork); the optimizer, schedule and step start fresh, and the
+    MLflow run records the source (tags ``hypertrain.init_from*``). Ignored when the run resumes."""
     max_nonfinite_in_row: int = 10
     """A NaN/inf loss skips its step (counted); this many in a row stops the run with a checkpoint."""
 

@@ -163,7 +163,22 @@ class Trainer:
         weights = self.cfg.data.weights or [1.0] * len(self.cfg.data.train)
         return [load_source(path, weight) for path, weight in zip(self.cfg.data.train, weights, strict=True)]
 
-    def _build(self, tasks: list[str]):
+    def _init_source(self):
+        """``train.init_from`` resolved and verified by rank 0, shared with every rank (collective)."""
+        from hypertrain.init_from import resolve_init_source
+
+        decision: list[Any] = [None, None]  # source, error
+        if self.rank == 0:
+            try:
+                decision[0] = resolve_init_source(self.cfg)
+            except ConfigError as err:
+                decision[1] = str(err)
+        dist.broadcast_object_list(decision, src=0)
+        if decision[1]:
+            raise ConfigError(decision[1])
+        return decision[0]
+
+    def _build(self, tasks: list[str], init=None):
         import deepspeed
 
         from hypertrain.models.build import build_method
@@ -187,6 +202,13 @@ class Trainer:
             self._hf_ds_config = HfDeepSpeedConfig(ds_cfg)
         torch.manual_seed(cfg.train.seed)
         method = build_method(cfg, self.device)
+        if init is not None:
+            from hypertrain.init_from import load_initial_weights
+
+            count = load_initial_weights(method, init, self.rank)
+            if self.rank == 0:
+                log.info("started %d trainable tensors from %s (%s); optimizer and step start fresh", count, init.path,
+                         init.method)
         enable_activation_checkpointing(method, cfg.train.activation_checkpointing)
         params = [p for p in method.parameters() if p.requires_grad]
         optimizer = make_optimizer(cfg.train.optimizer, params, cfg.train.lr, cfg.train.weight_decay)
@@ -308,7 +330,8 @@ class Trainer:
                     "data position and the 8-bit optimizer state are per rank; resume on the same number of GPUs "
                     "or start a new run.dir"
                 )
-        engine, schedule, tokenizer = self._build(tasks)
+        init = self._init_source() if cfg.train.init_from and resume_from is None else None
+        engine, schedule, tokenizer = self._build(tasks, init)
         ds_cfg = self.ds_config
         method = engine.module
 
@@ -331,6 +354,8 @@ class Trainer:
         params = flatten(dataclasses.asdict(cfg))
         params["model.trainable_parameters"] = self.trainable_parameters
         tags = self._tags(sources)
+        if init is not None:
+            tags.update(init.tags())
         if fallback:
             tags["hypertrain.resume_fallback"] = f"step {step}: {fallback}"
         # On resume the tracker adds only missing params and records changed values as an artifact.
