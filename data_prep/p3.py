@@ -53,6 +53,7 @@ from data_prep.p3_layout import (
     read_json,
     read_rows,
 )
+from data_prep.p3_mixture import HART_EXCLUDED_EVAL
 from data_prep.runner import PrepError, SkipLog, UnitResult, add_run_options, run_prep_for, summarize
 from hypertrain.config import ConfigError, P3PrepConfig, from_dict
 from hypertrain.episode import Episode
@@ -552,6 +553,12 @@ def plan(cfg: P3PrepConfig) -> tuple[list[Unit], dict[str, list[str]], dict[str,
     if not cfg.subsets and unmatched:
         dropped["unknown_dataset"] = unmatched
     if cfg.split == "eval":
+        filters["eval_set"] = cfg.eval_set
+        if cfg.eval_set == "hart" and not cfg.subsets:
+            left_out = [name for name in names if subsets[name].name.dataset in HART_EXCLUDED_EVAL]
+            if left_out:
+                dropped["not_in_eval_set:hart"] = left_out
+            names = [name for name in names if name not in left_out]
         return [Unit(subsets[name]) for name in names], dropped, filters
 
     if cfg.max_avg_input_tokens:
@@ -631,6 +638,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--demo-split",
         default=defaults.demo_split,
         help="split of the fixed evaluation demonstrations (default: %(default)s, else another split)",
+    )
+    add(
+        "--eval-set",
+        choices=["hart", "t0"],
+        default=defaults.eval_set,
+        help="held-out datasets of --split eval: HART's tables (no StoryCloze) or T0's (default: %(default)s)",
     )
     add(
         "--no-token-ids",

@@ -82,6 +82,10 @@ T0_EVAL: tuple[tuple[str, str | None], ...] = (
 )
 """T0's held-out evaluation datasets (its ``_score_eval`` subsets; StoryCloze only where it was downloaded)."""
 
+HART_EXCLUDED_EVAL = ("story_cloze/2016",)
+"""Held-out datasets of T0 that HART's Tables 3-4 leave out: StoryCloze (its data needs a manual download). With
+``--eval-set hart`` (the default) their subsets are dropped and listed in the manifest's ``dropped_tasks``."""
+
 OTHER_P3: tuple[tuple[str, str | None], ...] = (
     ("ai2_arc", "ARC-Challenge"),
     ("ai2_arc", "ARC-Easy"),

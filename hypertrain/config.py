@@ -102,6 +102,9 @@ class P3PrepConfig:
     """P3 split evaluated with ``--split eval``."""
     demo_split: str = "train"
     """Split the fixed evaluation demonstrations come from (falls back to another split if a subset lacks it)."""
+    eval_set: Literal["hart", "t0"] = "hart"
+    """Held-out datasets of ``--split eval``: ``hart`` (HART's Tables 3-4: ANLI R1-R3, HellaSwag, CB, COPA, RTE,
+    WiC, WSC, Winogrande; StoryCloze left out on purpose) or ``t0`` (T0's, with StoryCloze where present)."""
     token_ids: bool = True
     """Keep P3's T5 token ids (``input_ids``, ``target_ids``, ``choice_ids``) beside the text."""
     seed: int = 42
@@ -435,6 +438,10 @@ class EvalConfig:
     """Keep each task's first N examples (quick evaluations); 0 keeps all."""
     retrieval_instances: int = 0
     """PHA: a new task's prototype is retrieved from its first N instances; 0: all of them."""
+    input_eos: bool = True
+    """End the main model's evaluation inputs with EOS, as training does (default). ``false`` is T0's protocol
+    (its evaluation tokenizes inputs without special tokens; answer choices keep their EOS): use it to compare with
+    T0-style numbers. ``docs/evaluation.md`` has the difference."""
 
     def __post_init__(self) -> None:
         _at_least(self, "eval", ("batch_size", "max_new_tokens", "num_beams"), 1)
@@ -638,6 +645,28 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+EXTENDS = "extends"
+"""A config file's key naming another config file (relative to it) whose values it starts from."""
+
+
+def read_config_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file's values, on top of those of the file its ``extends:`` names (recursively, relative paths
+    from the extending file); sections merge key by key, lists and scalars replace."""
+    path = Path(path)
+    data = read_yaml(path)
+    parent = data.pop(EXTENDS, None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: {EXTENDS} must be a path, got {parent!r}")
+    parent_path = (path.parent / parent).resolve()
+    if parent_path in _seen or parent_path == path.resolve():
+        raise ConfigError(f"{path}: {EXTENDS} {parent} makes a cycle")
+    if not parent_path.is_file():
+        raise ConfigError(f"{path}: {EXTENDS} {parent} not found ({parent_path})")
+    return _deep_merge(read_config_file(parent_path, (*_seen, path.resolve())), data)
+
+
 def load_config(
     cls: type[T] = Config,  # type: ignore[assignment]
     path: str | Path | None = None,
@@ -647,7 +676,7 @@ def load_config(
     """Defaults ← YAML file ← overrides, converted and validated into ``cls``."""
     data: dict[str, Any] = copy.deepcopy(dict(defaults or {}))
     if path is not None:
-        data = _deep_merge(data, read_yaml(path))
+        data = _deep_merge(data, read_config_file(path))
     check_override_keys(cls, overrides)  # so that a typo on the command line is not reported as the file's
     apply_overrides(data, overrides)
     try:

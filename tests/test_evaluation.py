@@ -127,6 +127,17 @@ class RiggedMain(torch.nn.Module):
         return SimpleNamespace(logits=self.table.expand(rows, length, -1))
 
 
+def test_t0_protocol_leaves_eos_off_the_inputs_only():
+    tokenizer = load_tokenizer("byt5")
+    episodes = [Episode("e0", "t", "p3", [], "", "ab", ["c"], choices=["c", "d"], label=0)]
+    ours = Tokens(tokenizer, 64, 32, 64, torch.device("cpu"))
+    t0 = Tokens(tokenizer, 64, 32, 64, torch.device("cpu"), input_eos=False)
+    eos = tokenizer.eos_token_id
+    assert ours.main_inputs(episodes)[0].tolist() == [[97 + 3, 98 + 3, eos]]
+    assert t0.main_inputs(episodes)[0].tolist() == [[97 + 3, 98 + 3]]
+    assert t0.labels(["c"]).tolist() == ours.labels(["c"]).tolist() == [[99 + 3, eos]]
+
+
 def test_rank_classification_sums_token_log_probs_with_eos_and_picks_the_known_answer():
     tokens = Tokens(load_tokenizer("byt5"), 64, 32, 64, torch.device("cpu"))
     a, b, eos = 97 + 3, 98 + 3, 1  # ByT5: byte + 3

@@ -664,3 +664,15 @@ def test_render_demonstrations_format():
     text = p3.render_demonstrations([("  first question\n", "\nyes\n"), ("second", "no")])
     assert text == "Input: first question\nOutput: yes\n\nInput: second\nOutput: no"
     assert Episode.from_json(Episode("i", "t", "p3", [], text, "x", ["y"]).to_json()).hyper_input == text
+
+
+def test_hart_eval_set_leaves_story_cloze_out_by_name(tmp_path):
+    src = tmp_path / "src"
+    for subset in ("super_glue_rte_x_score_eval", "story_cloze_2016_Story_Continuation_score_eval"):
+        write_tfrecord_subset(src, subset, "validation", score_eval_rows(3, 2)[0])
+        write_tfrecord_subset(src, subset, "train", score_eval_rows(4, 2, "t")[0])
+    hart = run(src, tmp_path / "hart", split="eval", shots=2)
+    assert list(hart["tasks"]) == ["super_glue_rte_x_score_eval"]
+    assert hart["dropped_tasks"]["not_in_eval_set:hart"] == ["story_cloze_2016_Story_Continuation_score_eval"]
+    t0 = run(src, tmp_path / "t0", split="eval", shots=2, eval_set="t0")
+    assert len(t0["tasks"]) == 2 and "not_in_eval_set:hart" not in t0["dropped_tasks"]

@@ -40,23 +40,27 @@ def _whole(param: torch.nn.Parameter) -> contextlib.AbstractContextManager[Any]:
 
 
 class Tokens:
-    """The training collator's tokenization (truncation, EOS, padding to the longest), on ``device``."""
+    """The training collator's tokenization (truncation, EOS, padding to the longest), on ``device``; ``input_eos``
+    False leaves EOS off the main model's inputs (T0's evaluation protocol)."""
 
     def __init__(
         self, tokenizer: Any, max_input: int, max_target: int, max_hyper: int, device: torch.device,
-        main_input_mode: str = "query",
+        main_input_mode: str = "query", input_eos: bool = True,
     ) -> None:
         self.tokenizer = tokenizer
         self.max_input, self.max_target, self.max_hyper = max_input, max_target, max_hyper
         self.device = device
         self.main_input_mode = main_input_mode
+        self.input_eos = input_eos
 
-    def _encode(self, texts: Sequence[str], max_length: int) -> tuple[Tensor, Tensor]:
-        out = self.tokenizer(list(texts), max_length=max_length, truncation=True, padding="longest", return_tensors="pt")
+    def _encode(self, texts: Sequence[str], max_length: int, special_tokens: bool = True) -> tuple[Tensor, Tensor]:
+        out = self.tokenizer(list(texts), max_length=max_length, truncation=True, padding="longest", return_tensors="pt",
+                             add_special_tokens=special_tokens)
         return out["input_ids"].to(self.device), out["attention_mask"].to(self.device)
 
     def inputs(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
-        return self._encode(texts, self.max_input)
+        """Main-model inputs: ending with EOS as in training, or without (``eval.input_eos: false``, T0's way)."""
+        return self._encode(texts, self.max_input, special_tokens=self.input_eos)
 
     def main_inputs(self, episodes: Sequence[Episode]) -> tuple[Tensor, Tensor]:
         """The main model's input of each episode, as in training (``data.main_input``)."""
