@@ -15,14 +15,15 @@ from collections.abc import Sequence
 
 # sub-command → (module that registers it, one-line help for ``hypertrain --help``)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("hypertrain.main", "train a method (HART, HyperTuning, PHA, full fine-tuning); see hypertrain train --help"),
+    "train": ("hypertrain.main", "train a method (HART, HyperTuning, PHA, full fine-tuning, Prefix-Tuning, LoRA); see train --help"),
     "stop": ("hypertrain.stop", "ask a running training job to checkpoint and stop"),
     "params": ("hypertrain.params", "trainable and frozen parameter counts of a config (no download, no memory)"),
     "plan": ("hypertrain.plan", "memory per GPU, largest micro batch, accumulation and run time of a config"),
     "export": ("hypertrain.export", "write a checkpoint's trained parameters (or, --hf, a fine-tuned T5)"),
     "eval": ("hypertrain.evaluation.cli", "evaluate a checkpoint: S-NI ROUGE-L / exact match, P3 accuracy"),
     "demo": ("hypertrain.demo", "the whole pipeline on CPU in minutes: tasks, prep, training, evaluation, comparison"),
-    "compare": ("hypertrain.compare", "compare runs from MLflow: a table and PNG plots"),
+    "compare": ("hypertrain.compare", "compare runs from MLflow: a table and PNG plots (or a paper's table layout)"),
+    "repro": ("hypertrain.repro", "submit every run of one of HART's tables to Slurm (configs/repro/)"),
 }
 
 

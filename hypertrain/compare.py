@@ -2,6 +2,7 @@
 
     hypertrain compare --tracking-uri runs/demo/mlflow.db --experiment demo --out runs/demo/compare
     hypertrain compare --runs 3f2a... 9b1c... --metric 'eval/sni/rougeL' 'eval/sni/category/*/rougeL'
+    hypertrain compare --layout hart-table2 --experiment hart-repro --tracking-uri runs/repro
 
 Runs come from ``MlflowClient.search_runs`` (``--experiment``, newest first) or by id (``--runs``). The table has
 one row per run: method, model, steps, the last logged training loss (the mean over the last ``run.log_every``
@@ -10,6 +11,11 @@ steps), the final value of every selected ``eval/...`` metric (whatever the eval
 samples over total step time) and MFU (when the run logged one). ``--out`` receives ``comparison.md``,
 ``comparison.csv`` (the same columns as raw numbers, empty where missing) and three plots: ``loss.png`` (loss curves
 overlaid), ``eval.png`` (eval metrics as grouped bars) and ``throughput.png`` (samples/s and MFU or tokens/s).
+
+``--layout hart-table2`` (``-table3``, ``-table4``, ``-table5``) prints one of HART's tables filled from the runs
+``hypertrain repro`` submitted (matched by run name, the newest finished run of each), each column beside the
+paper's number; ``--layout sni-categories`` prints Tk-Instruct's per-category view (exact match or ROUGE-L by
+category). Both are also written to ``--out`` as ``<layout>.md``.
 """
 
 from __future__ import annotations
@@ -224,14 +230,15 @@ def raw_rows(runs: Sequence[RunSummary]) -> tuple[list[str], list[list[Any]]]:
                     for row in rows]
 
 
-def format_table(header: Sequence[str], rows: Sequence[Sequence[str]], markdown: bool = False) -> str:
+def format_table(header: Sequence[str], rows: Sequence[Sequence[str]], markdown: bool = False, left: int = 3) -> str:
+    """Aligned text (or markdown) table; the first ``left`` columns are left-aligned, the others right-aligned."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
 
     def line(cells: Sequence[str]) -> str:
-        padded = [c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
+        padded = [c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
         return ("| " + " | ".join(padded) + " |") if markdown else "  ".join(padded)
 
-    rule = ("| " + " | ".join(("-" * w if i < 3 else "-" * (w - 1) + ":") for i, w in enumerate(widths)) + " |"
+    rule = ("| " + " | ".join(("-" * w if i < left else "-" * (w - 1) + ":") for i, w in enumerate(widths)) + " |"
             if markdown else "  ".join("-" * w for w in widths))
     return "\n".join([line(header), rule, *(line(r) for r in rows)])
 
@@ -378,6 +385,38 @@ def compare(
     return format_table(header, rows), write_outputs(runs, out)
 
 
+def newest_by_name(runs: Sequence[RunSummary]) -> dict[str, RunSummary]:
+    """Run name → its newest finished run (else its newest run): a rerun of a table's cell replaces the earlier one."""
+    chosen: dict[str, RunSummary] = {}
+    for run in runs:  # oldest first
+        previous = chosen.get(run.name)
+        if previous is None or run.status == "FINISHED" or previous.status != "FINISHED":
+            chosen[run.name] = run
+    return chosen
+
+
+def compare_layout(
+    layout: str, tracking_uri: str | None = None, experiment: str | None = None, out: str | Path = "runs/compare",
+    max_runs: int = 500,
+) -> tuple[str, Path]:
+    """A paper's table (``hypertrain.repro_tables.LAYOUTS``) filled from the experiment's runs; returns the printed
+    table and the markdown file written to ``out``."""
+    from hypertrain import repro_tables
+
+    if layout not in repro_tables.LAYOUTS:
+        raise CompareError(f"unknown layout {layout!r} (known: {', '.join(repro_tables.LAYOUTS)})")
+    uri = resolve_tracking_uri(tracking_uri)
+    runs = newest_by_name(load_runs(uri, experiment, (), ("eval/**",), max_runs))
+    title, header, rows = repro_tables.layout(layout, {name: run.eval for name, run in runs.items()})
+    if not rows:
+        raise CompareError(f"no run in {redact(uri)} has the metrics of layout {layout!r}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{layout}.md"
+    path.write_text(f"{title}\n\n{format_table(header, rows, markdown=True, left=1)}\n", encoding="utf-8")
+    return f"{title}\n\n{format_table(header, rows, left=1)}", path
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "compare", help="compare runs from MLflow: a table and PNG plots",
@@ -393,10 +432,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              f"(default: {' '.join(DEFAULT_METRICS)})")
     parser.add_argument("--out", default="runs/compare", help="directory for the table and plots (default: %(default)s)")
     parser.add_argument("--max-runs", type=int, default=50, help="newest runs read from an experiment (default: %(default)s)")
+    parser.add_argument("--layout", default=None, metavar="NAME",
+                        help="print a paper's table instead: hart-table2, hart-table3, hart-table4, hart-table5 (runs "
+                             "of hypertrain repro, with the paper's numbers beside) or sni-categories (Tk-Instruct's "
+                             "per-category metrics)")
     parser.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.layout:
+        try:
+            table, path = compare_layout(args.layout, args.tracking_uri, args.experiment, args.out, max(args.max_runs, 500))
+        except CompareError as err:
+            print(f"compare: {err}", file=sys.stderr)
+            return 1
+        print(table)
+        print(f"\ntable: {path}")
+        return 0
     try:
         table, files = compare(args.tracking_uri, args.experiment, args.runs, args.metric, args.out, args.max_runs)
     except CompareError as err:

@@ -646,25 +646,31 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 EXTENDS = "extends"
-"""A config file's key naming another config file (relative to it) whose values it starts from."""
+"""A config file's key naming other config files (a path or a list, relative to it) whose values it starts from."""
 
 
 def read_config_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """A config file's values, on top of those of the file its ``extends:`` names (recursively, relative paths
-    from the extending file); sections merge key by key, lists and scalars replace."""
+    """A config file's values on top of those of the files its ``extends:`` names (merged in order, recursively,
+    relative paths from the extending file); sections merge key by key, lists and scalars replace."""
     path = Path(path)
     data = read_yaml(path)
-    parent = data.pop(EXTENDS, None)
-    if parent is None:
+    parents = data.pop(EXTENDS, None)
+    if parents is None:
         return data
-    if not isinstance(parent, str):
-        raise ConfigError(f"{path}: {EXTENDS} must be a path, got {parent!r}")
-    parent_path = (path.parent / parent).resolve()
-    if parent_path in _seen or parent_path == path.resolve():
-        raise ConfigError(f"{path}: {EXTENDS} {parent} makes a cycle")
-    if not parent_path.is_file():
-        raise ConfigError(f"{path}: {EXTENDS} {parent} not found ({parent_path})")
-    return _deep_merge(read_config_file(parent_path, (*_seen, path.resolve())), data)
+    if isinstance(parents, str):
+        parents = [parents]
+    if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
+        raise ConfigError(f"{path}: {EXTENDS} must be a path or a list of paths, got {parents!r}")
+    merged: dict[str, Any] = {}
+    seen = (*_seen, path.resolve())
+    for parent in parents:
+        parent_path = (path.parent / parent).resolve()
+        if parent_path in seen:
+            raise ConfigError(f"{path}: {EXTENDS} {parent} makes a cycle")
+        if not parent_path.is_file():
+            raise ConfigError(f"{path}: {EXTENDS} {parent} not found ({parent_path})")
+        merged = _deep_merge(merged, read_config_file(parent_path, seen))
+    return _deep_merge(merged, data)
 
 
 def load_config(

@@ -13,6 +13,7 @@ checkpoint (corrupt, incomplete, unsafe), named in the message, 3 stopped by the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import socket
@@ -118,7 +119,20 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         return 2
     finally:
         if dist.is_initialized():
+            rank = dist.get_rank()
             dist.destroy_process_group()
+            remove_cpu_allreduce_buffer(rank)
+
+
+def remove_cpu_allreduce_buffer(rank: int) -> None:
+    """Remove this rank's ``/dev/shm`` buffer of DeepSpeed's CPU all-reduce (``shm_comm``: 69 MB per rank, named
+    after the user, ``MASTER_ADDR``, ``MASTER_PORT`` and the rank), which DeepSpeed never removes: without this every
+    CPU run (tests, the demo) leaves its buffers behind until ``/dev/shm`` fills. Peers that still map it keep it."""
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if addr and port:
+        path = Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -31,6 +31,12 @@ def p3_sample() -> Path:
 
 
 @pytest.fixture(scope="session")
+def c4_sample() -> Path:
+    """The C4 sample in C4's released layout (en/c4-<split>.NNNNN-of-NNNNN.json.gz)."""
+    return _sample("c4_sample")
+
+
+@pytest.fixture(scope="session")
 def sni_train_shards(sni_sample, tmp_path_factory) -> Path:
     """The real S-NI sample's train split, prepared into 100-episode shards (shared by the data/trainer tests)."""
     from data_prep.sni import prepare

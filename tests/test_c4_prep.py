@@ -17,14 +17,6 @@ from hypertrain.config import C4PrepConfig
 TRAIN_FILE = "c4-train.00000-of-01024.json.gz"
 
 
-@pytest.fixture(scope="module")
-def c4_sample() -> Path:
-    root = Path(__file__).resolve().parents[2] / "shared" / "data" / "c4_sample"
-    if not (root / "en" / TRAIN_FILE).is_file():
-        pytest.skip(f"C4 sample not found at {root} (the shared data folder beside the repository)")
-    return root
-
-
 def _documents(path: Path) -> list[str]:
     with gzip.open(path, "rt", encoding="utf-8") as handle:
         return [json.loads(line)["text"] for line in handle]

@@ -90,3 +90,21 @@ def test_project_config_round_trips():
     cfg = load_config(Config, None, ["model.name=xl", "sni_prep.max_instances_per_task=7"])
     again = from_dict(Config, dataclasses.asdict(cfg))
     assert again == cfg and again.model.name == "xl"
+
+
+def test_a_config_file_extends_others_in_order_and_cycles_are_named(tmp_path):
+    from hypertrain.config import load_config
+
+    (tmp_path / "base.yaml").write_text("train:\n  lr: 1.0e-4\n  total_steps: 5\nmodel:\n  name: small\n")
+    (tmp_path / "method.yaml").write_text("method: pha\ntrain:\n  total_steps: 7\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "run.yaml").write_text("extends: [../base.yaml, ../method.yaml]\ntrain:\n  seed: 3\n")
+    cfg = load_config(path=tmp_path / "sub" / "run.yaml")
+    assert (cfg.method, cfg.model.name, cfg.train.lr, cfg.train.total_steps, cfg.train.seed) == ("pha", "small", 1e-4, 7, 3)
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="makes a cycle"):
+        load_config(path=tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("extends: missing.yaml\n")
+    with pytest.raises(ConfigError, match="missing.yaml not found"):
+        load_config(path=tmp_path / "c.yaml")
