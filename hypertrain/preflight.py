@@ -47,7 +47,8 @@ def path_problems(cfg: Config) -> list[str]:
     problems = [_prepared(f"data.train[{i}]", value, "the training data") for i, value in enumerate(cfg.data.train)]
     problems += [_prepared(f"eval.data[{i}]", value, "the evaluation data") for i, value in enumerate(cfg.eval.data)]
     problems += [_model("model.name", cfg.model.name), _model("model.tokenizer", cfg.model.tokenizer)]
-    if cfg.train.init_from and not Path(cfg.train.init_from).expanduser().exists():
+    resuming = (Path(cfg.run.dir) / "checkpoints" / "latest").is_file() and cfg.run.resume == "auto"
+    if cfg.train.init_from and not resuming and not Path(cfg.train.init_from).expanduser().exists():
         problems.append(f"train.init_from: {cfg.train.init_from} does not exist (a run, checkpoint or export directory)")
     if not cfg.data.train:
         problems.append("data.train: no training data (list prepared directories holding manifest.json)")

@@ -87,3 +87,15 @@ def test_a_damaged_source_is_refused(pretrained):
     path.write_bytes(bytes(data))
     with pytest.raises(ConfigError, match="train.init_from"):
         resolve_init_source(_cfg("hypertuning", train={"init_from": str(pretrained)}))
+
+
+def test_preflight_names_a_missing_source_unless_the_run_resumes(tmp_path):
+    from hypertrain.preflight import path_problems
+
+    cfg = _cfg("hypertuning", train={"init_from": str(tmp_path / "gone")}, run={"dir": str(tmp_path / "run")},
+               data={"train": [str(tmp_path)]})
+    (tmp_path / "manifest.json").write_text("{}")
+    assert any(p.startswith("train.init_from:") for p in path_problems(cfg))
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("step-00000010\n")
+    assert path_problems(cfg) == []  # a resumed run starts from its checkpoint, not from init_from
