@@ -28,8 +28,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from data_prep.runner import PrepError, SkipLog, UnitResult, add_run_options, run_prep_for, summarize
-from hypertrain.config import C4PrepConfig, ConfigError, from_dict
+from data_prep.runner import PrepError, SkipLog, UnitResult, add_run_options, prep_main, run_prep_for
+from hypertrain.config import C4PrepConfig
 from hypertrain.episode import Episode
 
 SOURCE = "c4"
@@ -161,20 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        cfg = from_dict(C4PrepConfig, vars(args), prefix="c4_prep")
-        manifest = prepare(cfg)
-    except (PrepError, ConfigError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(summarize(manifest, cfg.out))
+def _report(manifest: dict[str, Any]) -> list[str]:
     read = sum(manifest.get("extra", {}).get("documents_read", {}).values())
-    print(f"read {read} documents; {manifest['num_samples']} became episodes")
-    if cfg.num_jobs > 1:
-        print(f"piece {cfg.job_index} of {cfg.num_jobs} done; run `python -m data_prep.merge {cfg.out}` after all pieces")
-    return 0
+    return [f"read {read} documents; {manifest['num_samples']} became episodes"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return prep_main(build_parser(), C4PrepConfig, "c4_prep", prepare, argv, _report)
 
 
 if __name__ == "__main__":

@@ -54,8 +54,8 @@ from data_prep.p3_layout import (
     read_rows,
 )
 from data_prep.p3_mixture import HART_EXCLUDED_EVAL
-from data_prep.runner import PrepError, SkipLog, UnitResult, add_run_options, run_prep_for, summarize
-from hypertrain.config import ConfigError, P3PrepConfig, from_dict
+from data_prep.runner import PrepError, SkipLog, UnitResult, add_run_options, prep_main, run_prep_for
+from hypertrain.config import P3PrepConfig
 from hypertrain.episode import Episode
 
 SOURCE = "p3"
@@ -656,23 +656,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        cfg = from_dict(P3PrepConfig, vars(args), prefix="p3_prep")
-        manifest = prepare(cfg)
-    except (PrepError, ConfigError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(summarize(manifest, cfg.out))
+def _report(manifest: dict[str, Any]) -> list[str]:
     unmatched = manifest["filters"].get("unmatched_subsets")
-    if unmatched:
-        print(f"{len(unmatched)} subset folder(s) match no known P3 dataset: {', '.join(unmatched[:5])}")
-    if cfg.num_jobs > 1:
-        print(
-            f"piece {cfg.job_index} of {cfg.num_jobs} done; run `python -m data_prep.merge {cfg.out}` after all pieces"
-        )
-    return 0
+    return [f"{len(unmatched)} subset folder(s) match no known P3 dataset: {', '.join(unmatched[:5])}"] if unmatched else []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return prep_main(build_parser(), P3PrepConfig, "p3_prep", prepare, argv, _report)
 
 
 if __name__ == "__main__":

@@ -262,6 +262,33 @@ def add_run_options(parser: argparse.ArgumentParser, defaults: Any, unit: str) -
         help="swap the new output in without checking its files first (size, sha256; default: check)")
 
 
+def prep_main(
+    parser: argparse.ArgumentParser,
+    config_cls: type,
+    section: str,
+    prepare: Callable[[Any], dict[str, Any]],
+    argv: Sequence[str] | None = None,
+    report: Callable[[dict[str, Any]], list[str]] | None = None,
+) -> int:
+    """A prep command: parse, build the ``section`` config, run ``prepare``; print what was written (and
+    ``report``'s lines). Exit 2 with the error on bad input or options."""
+    from hypertrain.config import ConfigError, from_dict
+
+    args = parser.parse_args(argv)
+    try:
+        cfg = from_dict(config_cls, vars(args), prefix=section)
+        manifest = prepare(cfg)
+    except (PrepError, ConfigError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(summarize(manifest, cfg.out))
+    for line in report(manifest) if report else ():
+        print(line)
+    if cfg.num_jobs > 1:
+        print(f"piece {cfg.job_index} of {cfg.num_jobs} done; run `python -m data_prep.merge {cfg.out}` after all pieces")
+    return 0
+
+
 def summarize(manifest: Mapping[str, Any], out_dir: str | Path) -> str:
     """A short human report of what a prep job wrote, dropped and skipped."""
     lines = [

@@ -26,8 +26,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from data_prep.runner import PrepError, SkipLog, UnitResult, add_run_options, run_prep_for, summarize
-from hypertrain.config import ConfigError, SNIPrepConfig, from_dict
+from data_prep.runner import PrepError, SkipLog, UnitResult, add_run_options, prep_main, run_prep_for
+from hypertrain.config import SNIPrepConfig
 from hypertrain.episode import Episode
 
 SOURCE = "sni"
@@ -307,17 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        cfg = from_dict(SNIPrepConfig, vars(args), prefix="sni_prep")
-        manifest = prepare(cfg)
-    except (PrepError, ConfigError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(summarize(manifest, cfg.out))
-    if cfg.num_jobs > 1:
-        print(f"piece {cfg.job_index} of {cfg.num_jobs} done; run `python -m data_prep.merge {cfg.out}` after all pieces")
-    return 0
+    return prep_main(build_parser(), SNIPrepConfig, "sni_prep", prepare, argv)
 
 
 if __name__ == "__main__":
