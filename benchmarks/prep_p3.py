@@ -1,17 +1,25 @@
-"""Benchmark: P3 prep throughput (episodes/s) for 16-shot training episodes and for eval regrouping, both layouts.
+"""Benchmark: P3 training prep at scale — output size, rows/s per core, peak memory, and 2 workers against 1.
 
-The real sample's rows are replicated into a temporary P3 copy, written in the repository layout (TFRecord) and
-as the parquet export: ``--train-subsets`` copies of the generative subset with ``--train-rows`` rows each
-(every input made unique), and ``--eval-subsets`` score-eval subsets with ``--eval-examples`` examples of 4
-choices each (rows shuffled so an example's rows are not adjacent, train split as large as validation).
+The real sample's generative rows (about 240-token inputs, with their token ids) are replicated, every input made
+unique, into synthetic subsets in P3's repository layout (TFRecord + info/stats JSON). Each prep runs in a fresh
+process that reports its own peak RSS (its workers' included):
 
-    python benchmarks/prep_p3.py [--src ../shared/data/p3_sample] [--train-rows 1500] [--eval-examples 1000]
+- one subset of each size in ``--sizes`` (default 10k, 50k, 200k, 500k rows), 1 worker: wall time, rows/s, peak
+  RSS, output bytes / input bytes;
+- ``--parallel-subsets`` subsets of ``--parallel-rows`` rows, 1 worker and 2 workers side by side (alternating,
+  best of ``--repeats``): the speedup, and whether both wrote identical manifests.
+
+    python benchmarks/prep_p3.py [--sizes 10000 50000 200000 500000] [--json out.json]
+
+Targets (issue 16): output at most 2x the input bytes; at least 5,000 rows/s per core; peak RSS flat across sizes;
+2 workers at least 1.7x one.
 """
 
 from __future__ import annotations
 
 import argparse
-import random
+import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -19,128 +27,95 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from p3_fixtures import sample_rows, write_parquet_subset, write_tfrecord_subset  # noqa: E402
-
-from data_prep import p3  # noqa: E402
-from hypertrain.config import P3PrepConfig  # noqa: E402
+from p3_fixtures import sample_rows, write_tfrecord_subset  # noqa: E402
 
 DEFAULT_SRC = Path(__file__).resolve().parents[2] / "shared" / "data" / "p3_sample"
 GENERATIVE = "adversarial_qa_dbert_based_on"
-SCORE_EVAL = "hellaswag_complete_first_then_score_eval"
+RUN_ONE = """
+import json, resource, sys, time
+from data_prep import p3
+from hypertrain.config import P3PrepConfig
+options = json.loads(sys.argv[1])
+start = time.perf_counter()
+manifest = p3.prepare(P3PrepConfig(**options))
+seconds = time.perf_counter() - start
+peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+print(json.dumps({"seconds": seconds, "episodes": manifest["num_samples"], "peak_rss_mb": peak / 1024}))
+"""
 
 
-def train_rows(sample: Path, count: int, copy: int) -> list[dict]:
+def write_subset(sample: Path, root: Path, name: str, count: int) -> int:
+    """A training subset of ``count`` rows in TFRecord layout; returns its bytes on disk."""
     base = sample_rows(sample, GENERATIVE, "train")
-    rows = []
-    for i in range(count):
-        row = dict(base[i % len(base)])
-        row["inputs_pretokenized"] = f"{row['inputs_pretokenized']} [{copy}.{i}]"
-        rows.append(row)
-    return rows
+    rows = [dict(base[i % len(base)], inputs_pretokenized=f"{base[i % len(base)]['inputs_pretokenized']} [{name}.{i}]")
+            for i in range(count)]
+    folder = write_tfrecord_subset(root, name, "train", rows)
+    return sum(p.stat().st_size for p in Path(folder).iterdir() if ".tfrecord-" in p.name)
 
 
-def eval_rows(sample: Path, examples: int, seed: int) -> list[dict]:
-    base = sample_rows(sample, SCORE_EVAL, "validation")
-    per_example: dict[int, list[dict]] = {}
-    for row in base:
-        per_example.setdefault(row["idx"][0], []).append(row)
-    originals = sorted(per_example)
-    rows = []
-    for example in range(examples):
-        for row in per_example[originals[example % len(originals)]]:
-            rows.append(
-                dict(
-                    row,
-                    idx=[example, row["idx"][1]],
-                    inputs_pretokenized=f"{row['inputs_pretokenized']} [{example}]",
-                )
-            )
-    random.Random(seed).shuffle(rows)
-    return rows
-
-
-def build(sample: Path, root: Path, args: argparse.Namespace) -> dict[str, int]:
-    counts = {"train_rows": 0, "eval_rows": 0}
-    for copy in range(args.train_subsets):
-        rows = train_rows(sample, args.train_rows, copy)
-        name = f"{GENERATIVE}_copy{copy}"
-        write_tfrecord_subset(root / "tfrecord", name, "train", rows)
-        write_parquet_subset(root / "parquet", name, "train", rows)
-        counts["train_rows"] += len(rows)
-    for copy in range(args.eval_subsets):
-        name = SCORE_EVAL.replace("_score_eval", f"_copy{copy}_score_eval")
-        for split, seed in (("validation", copy), ("train", 100 + copy)):
-            rows = eval_rows(sample, args.eval_examples, seed)
-            write_tfrecord_subset(root / "tfrecord", name, split, rows)
-            write_parquet_subset(root / "parquet", name, split, rows)
-            if split == "validation":
-                counts["eval_rows"] += len(rows)
-    return counts
-
-
-def time_prep(src: Path, out: Path, split: str, workers: int) -> tuple[float, int]:
-    subsets = [f"{GENERATIVE}_copy*"] if split == "train" else ["*_copy*_score_eval"]
-    cfg = P3PrepConfig(
-        src=str(src),
-        out=str(out),
-        split=split,
-        subsets=subsets,
-        shots=16,
-        mixing_cap=0,
-        workers=workers,
-        shard_max_samples=2000,
-    )
-    start = time.perf_counter()
-    manifest = p3.prepare(cfg)
-    return time.perf_counter() - start, manifest["num_samples"]
+def run_prep(src: Path, out: Path, subsets: list[str], workers: int) -> dict:
+    options = dict(src=str(src), out=str(out), split="train", subsets=subsets, shots=16, mixing_cap=0,
+                   max_avg_input_tokens=0, workers=workers)
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", RUN_ONE, json.dumps(options)], cwd=repo, capture_output=True,
+                            text=True, check=True)
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    manifest = json.loads((out / "manifest.json").read_text())
+    measured["output_bytes"] = sum(s["bytes"] for s in manifest["shards"])
+    measured["manifest"] = (out / "manifest.json").read_bytes()
+    return measured
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--src", type=Path, default=DEFAULT_SRC)
-    parser.add_argument("--train-subsets", type=int, default=2)
-    parser.add_argument("--train-rows", type=int, default=1500)
-    parser.add_argument("--eval-subsets", type=int, default=2)
-    parser.add_argument("--eval-examples", type=int, default=1000)
-    parser.add_argument(
-        "--repeats", type=int, default=2, help="alternating runs per setting; the best is kept"
-    )
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 50_000, 200_000, 500_000])
+    parser.add_argument("--parallel-subsets", type=int, default=4)
+    parser.add_argument("--parallel-rows", type=int, default=50_000)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
 
-    results: dict[tuple[str, str, int], tuple[float, int]] = {}
+    results: dict = {"sizes": [], "parallel": {}}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        counts = build(args.src, root, args)
-        settings = [
-            (layout, split, workers)
-            for layout in ("tfrecord", "parquet")
-            for split in ("train", "eval")
-            for workers in (1, 2)
-        ]
-        for repeat in range(args.repeats):
-            for layout, split, workers in settings:
-                seconds, episodes = time_prep(
-                    root / layout, root / f"out-{layout}-{split}-{workers}-{repeat}", split, workers
-                )
-                best = results.get((layout, split, workers), (float("inf"), episodes))[0]
-                results[(layout, split, workers)] = (min(best, seconds), episodes)
-        same = all(
-            (root / f"out-tfrecord-{split}-1-0" / "manifest.json").read_bytes()
-            == (root / f"out-tfrecord-{split}-2-0" / "manifest.json").read_bytes()
-            for split in ("train", "eval")
-        )
+        print(f"{'rows':>8} {'input MB':>9} {'output MB':>10} {'out/in':>7} {'seconds':>8} {'rows/s':>8} {'peak RSS MB':>12}")
+        for size in args.sizes:
+            src = root / f"size{size}"
+            name = f"{GENERATIVE}_n{size}"
+            started = time.perf_counter()
+            input_bytes = write_subset(args.src, src, name, size)
+            built = time.perf_counter() - started
+            m = run_prep(src, root / f"out{size}", [name], workers=1)
+            row = {"rows": size, "input_bytes": input_bytes, "output_bytes": m["output_bytes"],
+                   "seconds": m["seconds"], "rows_per_s": size / m["seconds"], "peak_rss_mb": m["peak_rss_mb"],
+                   "build_seconds": built}
+            results["sizes"].append(row)
+            print(f"{size:>8} {input_bytes / 1e6:>9.1f} {m['output_bytes'] / 1e6:>10.1f} "
+                  f"{m['output_bytes'] / input_bytes:>7.2f} {m['seconds']:>8.1f} {row['rows_per_s']:>8.0f} "
+                  f"{m['peak_rss_mb']:>12.0f}")
+            (root / f"out{size}").exists() and subprocess.run(["rm", "-rf", str(root / f"out{size}"), str(src)])
 
-    print(
-        f"P3 prep: {args.train_subsets} training subsets x {args.train_rows} rows ({counts['train_rows']} rows, 16 shots); "
-        f"{args.eval_subsets} score-eval subsets x {args.eval_examples} examples x 4 choices ({counts['eval_rows']} rows); "
-        f"best of {args.repeats}"
-    )
-    print(f"{'layout':>9} {'split':>6} {'workers':>8} {'episodes':>9} {'seconds':>8} {'episodes/s':>11}")
-    for (layout, split, workers), (seconds, episodes) in results.items():
-        print(
-            f"{layout:>9} {split:>6} {workers:>8} {episodes:>9} {seconds:>8.2f} {episodes / seconds:>11.0f}"
-        )
-    print(f"manifests identical across worker counts: {same}")
+        src = root / "parallel"
+        names = [f"{GENERATIVE}_p{i}" for i in range(args.parallel_subsets)]
+        for name in names:
+            write_subset(args.src, src, name, args.parallel_rows)
+        best: dict[int, float] = {}
+        manifests: dict[int, bytes] = {}
+        for repeat in range(args.repeats):
+            for workers in (1, 2):
+                m = run_prep(src, root / f"par-{workers}-{repeat}", names, workers)
+                best[workers] = min(best.get(workers, float("inf")), m["seconds"])
+                manifests[workers] = m["manifest"]
+        total = args.parallel_subsets * args.parallel_rows
+        results["parallel"] = {"rows": total, "seconds_1": best[1], "seconds_2": best[2],
+                               "speedup": best[1] / best[2], "identical_manifests": manifests[1] == manifests[2]}
+        print(f"\n{args.parallel_subsets} subsets x {args.parallel_rows} rows ({total} rows), best of {args.repeats}: "
+              f"1 worker {best[1]:.1f} s ({total / best[1]:.0f} rows/s), 2 workers {best[2]:.1f} s "
+              f"({total / best[2]:.0f} rows/s): {best[1] / best[2]:.2f}x; identical manifests: "
+              f"{manifests[1] == manifests[2]}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

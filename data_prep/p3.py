@@ -37,7 +37,6 @@ from typing import Any
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from data_prep.p3_layout import (
     INPUT,
@@ -55,8 +54,12 @@ from data_prep.p3_layout import (
 )
 from data_prep.p3_mixture import HART_EXCLUDED_EVAL
 from data_prep.runner import PrepError, SkipLog, UnitResult, add_run_options, prep_main, run_prep_for
+from data_prep.shards import TASKS_IN_BLOCKS
 from hypertrain.config import P3PrepConfig
+from hypertrain.demonstrations import DRAWN_BY_LOADER
+from hypertrain.demonstrations import render as render_demonstrations
 from hypertrain.episode import Episode
+from hypertrain.progress import progress
 
 SOURCE = "p3"
 
@@ -86,14 +89,6 @@ def random_order(rng: random.Random, n: int) -> Iterator[int]:
 # --------------------------------------------------------------------------------------------------
 
 
-def render_demonstrations(pairs: Sequence[tuple[str, str]]) -> str:
-    """The hypernetwork input: K demonstrations, each stripped, as ``Input: x\\nOutput: y``, one blank line apart.
-
-    (T5's tokenizer maps newlines to spaces, so the ``Input:``/``Output:`` markers carry the structure.)
-    """
-    return "\n\n".join(f"Input: {x.strip()}\nOutput: {y.strip()}" for x, y in pairs)
-
-
 class _Skip(Exception):
     """A whole subset cannot be prepared; ``reason`` is its ``skipped`` key."""
 
@@ -116,6 +111,13 @@ class Unit:
     subset: Subset
     cap: int | None = None
     """Training rows kept at most (T0's mixing cap), None for no cap."""
+    rows: int = 0
+    """Training: rows of the subset's train split."""
+    chunk: int = 0
+    chunks: int = 1
+    """Training: this unit prepares block ``chunk`` of ``chunks`` near-equal blocks of the kept rows."""
+    problem: str | None = None
+    """Training: why the subset could not even be counted (with ``--skip-bad``: reported by its unit)."""
 
 
 @dataclasses.dataclass
@@ -191,9 +193,9 @@ def regroup_score_eval(
         first = entries[0][2]
         label = next(choice for choice, (_, _, row) in enumerate(entries) if row["is_correct"])
         extra: dict[str, Any] = {}
-        if cfg.token_ids and INPUT_IDS in first:
+        if keeps_token_ids(cfg) and INPUT_IDS in first:
             extra["input_ids"] = first[INPUT_IDS]
-        if cfg.token_ids and TARGET_IDS in first:
+        if keeps_token_ids(cfg) and TARGET_IDS in first:
             extra["choice_ids"] = [row[TARGET_IDS] for _, _, row in entries]
         choices = [row[TARGET] for _, _, row in entries]
         questions.append(Choices(example, first[INPUT], choices, label, extra))
@@ -220,9 +222,9 @@ def answer_choice_questions(
             )
             continue
         extra: dict[str, Any] = {}
-        if cfg.token_ids and INPUT_IDS in row:
+        if keeps_token_ids(cfg) and INPUT_IDS in row:
             extra["input_ids"] = row[INPUT_IDS]
-        if cfg.token_ids and TARGET_IDS in row:
+        if keeps_token_ids(cfg) and TARGET_IDS in row:
             extra["target_ids"] = row[TARGET_IDS]
         questions.append(Choices(index, row[INPUT], choices, matches[0], extra))
     return questions
@@ -232,8 +234,14 @@ def _is_score_eval(split: SplitFiles) -> bool:
     return set(SCORE_COLUMNS) <= columns_of(split)
 
 
+def keeps_token_ids(cfg: P3PrepConfig) -> bool:
+    """``--token-ids`` / ``--no-token-ids``; by default the eval split keeps P3's token ids and the train split
+    does not (the collator tokenizes the text again; the ids would double the shards)."""
+    return cfg.token_ids if cfg.token_ids is not None else cfg.split == "eval"
+
+
 def _text_columns(cfg: P3PrepConfig) -> list[str]:
-    return [INPUT, TARGET, INPUT_IDS, TARGET_IDS] if cfg.token_ids else [INPUT, TARGET]
+    return [INPUT, TARGET, INPUT_IDS, TARGET_IDS] if keeps_token_ids(cfg) else [INPUT, TARGET]
 
 
 def _require_text(split: SplitFiles) -> None:
@@ -246,73 +254,75 @@ def _require_text(split: SplitFiles) -> None:
 # ----- training -----
 
 
-def train_episodes(unit: Unit, cfg: P3PrepConfig) -> tuple[list[Episode], dict[str, Any], SkipLog]:
-    """MetaICL-style episodes of one training subset: each kept row with K other rows as demonstrations."""
+def balanced(total: int, parts: int) -> list[int]:
+    """``total`` split into ``parts`` sizes that differ by at most one."""
+    return [total * (i + 1) // parts - total * i // parts for i in range(parts)]
+
+
+def _distinct_enough(rows: list[tuple[int, dict[str, Any]]], shots: int) -> tuple[list[tuple[int, dict]], list[int]]:
+    """The rows of one pool that can get ``shots`` demonstrations with another input from it, and the indices of
+    the others (dropping rows shrinks the pool, so until nothing changes)."""
+    dropped: list[int] = []
+    while True:
+        counts = Counter(row[INPUT].strip() for _, row in rows)
+        fine = [(i, row) for i, row in rows if len(rows) - counts[row[INPUT].strip()] >= shots]
+        if len(fine) == len(rows):
+            return rows, dropped
+        dropped += [i for i, row in rows if len(rows) - counts[row[INPUT].strip()] < shots]
+        rows = fine
+
+
+def train_episodes(unit: Unit, cfg: P3PrepConfig) -> tuple[list[Episode], dict[str, Any], SkipLog, list[int]]:
+    """One block of a training subset's kept rows, each stored once (``hyper_input`` empty: the loader draws its
+    demonstrations from the rest of its pool), and the pool sizes: each pool is written as a shard of its own."""
     subset = unit.subset
     split = subset.splits.get("train")
     if split is None:
         raise _Skip("task:no_train_split", f"{subset.path}: no train split (has {sorted(subset.splits)})")
+    if unit.problem:
+        raise PrepError(unit.problem)
     _require_text(split)
     skipped = SkipLog()
-    keep: Sequence[int] | None = None  # all rows
-    num_rows = None
-    if unit.cap is not None:
-        num_rows = count_rows(split)
-        if num_rows > unit.cap:  # a seeded uniform sample, kept in row order
-            keep = sorted(
-                itertools.islice(
-                    random_order(seeded_rng(cfg.seed, subset.folder, "rows"), num_rows), unit.cap
-                )
-            )
-    rows = read_rows(split, _text_columns(cfg), keep)
-    pool = list(rows)
-    if len(pool) <= cfg.shots:
+    keep: Sequence[int] = range(unit.rows)
+    if unit.cap is not None and unit.rows > unit.cap:  # a seeded uniform sample, kept in row order
+        keep = sorted(itertools.islice(random_order(seeded_rng(cfg.seed, subset.folder, "rows"), unit.rows), unit.cap))
+    if len(keep) <= cfg.shots:
         raise _Skip(
             "task:too_few_rows",
-            f"{split.where}: {len(pool)} rows, need more than --shots {cfg.shots} for demonstrations",
+            f"{split.where}: {len(keep)} rows, need more than --shots {cfg.shots} for demonstrations",
         )
-    same_input: dict[str, set[int]] = defaultdict(set)
-    for position, index in enumerate(pool):
-        same_input[rows[index][INPUT].strip()].add(position)
-
-    rng = seeded_rng(cfg.seed, subset.folder, "demonstrations")
-    episodes = []
-    for index in pool:
-        row = rows[index]
-        excluded = same_input[row[INPUT].strip()]  # the query itself and rows with the very same input
-        if len(pool) - len(excluded) < cfg.shots:
-            _bad(
-                cfg,
-                skipped,
-                "instance:too_few_distinct_demonstrations",
-                f"{split.where}: row {index}: fewer than {cfg.shots} other rows with a different input",
-            )
+    block = keep[len(keep) * unit.chunk // unit.chunks : len(keep) * (unit.chunk + 1) // unit.chunks]
+    rows = read_rows(split, _text_columns(cfg), block)
+    if len(rows) != len(block):
+        raise PrepError(f"{split.where}: {len(rows)} of the {len(block)} rows expected in this block exist "
+                        f"(the split has fewer than the {unit.rows} rows its stats declare)")
+    ordered = list(rows.items())
+    episodes: list[Episode] = []
+    pools: list[int] = []
+    start = 0
+    for size in balanced(len(ordered), -(-len(ordered) // cfg.shard_max_samples)):
+        pool, bad = _distinct_enough(ordered[start : start + size], cfg.shots)
+        start += size
+        for index in bad:
+            _bad(cfg, skipped, "instance:too_few_distinct_demonstrations",
+                 f"{split.where}: row {index}: fewer than {cfg.shots} other rows with a different input in its pool")
+        if not pool:
             continue
-        demos = []
-        for candidate in random_order(rng, len(pool)):
-            if candidate not in excluded:
-                demos.append(rows[pool[candidate]])
-                if len(demos) == cfg.shots:
-                    break
-        extra = {}
-        if cfg.token_ids and INPUT_IDS in row:
-            extra["input_ids"] = row[INPUT_IDS]
-        if cfg.token_ids and TARGET_IDS in row:
-            extra["target_ids"] = row[TARGET_IDS]
-        episodes.append(
-            Episode(
-                id=f"{subset.folder}/train/{index}",
-                task=subset.folder,
-                source=SOURCE,
-                categories=subset.categories,
-                hyper_input=render_demonstrations([(d[INPUT], d[TARGET]) for d in demos]),
-                input=row[INPUT],
-                targets=[row[TARGET]],
-                extra=extra,
-            )
-        )
-    facts = {"rows": len(rows) if num_rows is None else num_rows, "kept_rows": len(pool), "cap": unit.cap}
-    return episodes, facts, skipped
+        pools.append(len(pool))
+        for index, row in pool:
+            extra = {}
+            if keeps_token_ids(cfg) and INPUT_IDS in row:
+                extra["input_ids"] = row[INPUT_IDS]
+            if keeps_token_ids(cfg) and TARGET_IDS in row:
+                extra["target_ids"] = row[TARGET_IDS]
+            episodes.append(Episode(
+                id=f"{subset.folder}/train/{index}", task=subset.folder, source=SOURCE, categories=subset.categories,
+                hyper_input="", input=row[INPUT], targets=[row[TARGET]], extra=extra,
+            ))
+    facts: dict[str, Any] = {"kept_rows": len(block)}
+    if unit.chunk == 0:
+        facts.update(rows=unit.rows, cap=unit.cap, blocks=unit.chunks)
+    return episodes, facts, skipped, pools
 
 
 # ----- evaluation -----
@@ -452,8 +462,10 @@ def subset_episodes(unit: Unit, cfg: P3PrepConfig) -> UnitResult:
     subset = unit.subset
     facts: dict[str, Any] = {"dataset": subset.name.dataset, "template": subset.name.template}
     try:
-        build = train_episodes if cfg.split == "train" else eval_episodes
-        episodes, more, skipped = build(unit, cfg)
+        if cfg.split == "train":
+            episodes, more, skipped, pools = train_episodes(unit, cfg)
+        else:
+            (episodes, more, skipped), pools = eval_episodes(unit, cfg), None
     except _Skip as skip:
         if not cfg.skip_bad:
             raise PrepError(f"{skip} (use --skip-bad to skip and count it)") from None
@@ -476,13 +488,8 @@ def subset_episodes(unit: Unit, cfg: P3PrepConfig) -> UnitResult:
         facts["skipped"] = dict(sorted(skipped.items()))
     for record in skipped.records:
         record.update(task=subset.folder, error=_relative(record["error"], subset))
-    return UnitResult(
-        subset.folder,
-        episodes,
-        categories=subset.categories,
-        skipped=skipped,
-        extra={"subsets": {subset.folder: facts}},
-    )
+    return UnitResult(subset.folder, episodes, categories=subset.categories, skipped=skipped,
+                      extra={"subsets": {subset.folder: facts}}, pools=pools)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -563,16 +570,20 @@ def plan(cfg: P3PrepConfig) -> tuple[list[Unit], dict[str, list[str]], dict[str,
 
     if cfg.max_avg_input_tokens:
         averages = {}
-        for name in tqdm(names, desc="p3 input lengths", unit="subset", disable=None, file=sys.stderr):
-            split = subsets[name].splits.get("train")
-            if split is not None:
-                averages[name] = round(average_input_tokens(split), 2)
+        with progress(len(names), "p3 input lengths", unit="subset") as bar:
+            for name in names:
+                split = subsets[name].splits.get("train")
+                if split is not None:
+                    averages[name] = round(average_input_tokens(split), 2)
+                bar.update()
         too_long = [name for name, avg in averages.items() if avg > cfg.max_avg_input_tokens]
         if too_long:
             dropped[f"avg_input_tokens>{cfg.max_avg_input_tokens}"] = too_long
         filters["avg_input_tokens"] = averages
         names = [name for name in names if name not in too_long]
 
+    filters["demonstrations"] = {"drawn_by": DRAWN_BY_LOADER, "shots": cfg.shots}
+    filters[TASKS_IN_BLOCKS] = True
     templates = Counter(s.name.dataset for s in subsets.values() if s.name.dataset and not s.name.score_eval)
     filters["templates_per_dataset"] = dict(sorted(templates.items()))
     filters["mixing_cap"] = cfg.mixing_cap
@@ -580,8 +591,30 @@ def plan(cfg: P3PrepConfig) -> tuple[list[Unit], dict[str, list[str]], dict[str,
     for name in names:
         dataset = subsets[name].name.dataset
         cap = cfg.mixing_cap // templates[dataset] if cfg.mixing_cap and dataset else None
-        units.append(Unit(subsets[name], cap))
+        split = subsets[name].splits.get("train")
+        try:
+            rows = train_rows(split) if split is not None else 0
+        except PrepError as err:
+            if not cfg.skip_bad:
+                raise
+            units.append(Unit(subsets[name], cap, problem=str(err)))
+            continue
+        kept = min(rows, cap) if cap else rows
+        blocks = max(1, -(-kept // cfg.rows_per_unit))
+        units += [Unit(subsets[name], cap, rows, block, blocks) for block in range(blocks)]
     return units, dropped, filters
+
+
+def train_rows(split: SplitFiles) -> int:
+    """Rows of a train split: ``examples`` of its ``stats.train.json`` when present (the reader checks it), else
+    counted (parquet metadata, or one pass over the TFRecords)."""
+    path = split.sidecar("stats")
+    if split.layout == "tfrecord" and path.is_file():
+        try:
+            return int(read_json(path, "")["examples"])
+        except (KeyError, TypeError, ValueError):
+            pass
+    return count_rows(split)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -645,13 +678,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.eval_set,
         help="held-out datasets of --split eval: HART's tables (no StoryCloze) or T0's (default: %(default)s)",
     )
-    add(
-        "--no-token-ids",
-        dest="token_ids",
-        action="store_false",
-        help="leave P3's T5 token ids out of the episodes",
-    )
-    add("--seed", type=int, default=defaults.seed, help="seed of row caps and demonstration draws")
+    add("--token-ids", dest="token_ids", action="store_const", const=True, default=None,
+        help="keep P3's T5 token ids beside the text (default: eval yes, train no)")
+    add("--no-token-ids", dest="token_ids", action="store_const", const=False, help="leave P3's token ids out")
+    add("--rows-per-unit", type=int, default=defaults.rows_per_unit,
+        help="training subsets are prepared in blocks of this many rows, one unit of work each (default: %(default)s)")
+    add("--seed", type=int, default=defaults.seed, help="seed of row caps and evaluation demonstration draws")
     add_run_options(parser, defaults, unit="subset")
     return parser
 

@@ -232,12 +232,17 @@ def _read_tfrecord(
 ) -> dict[int, dict[str, Any]]:
     spec = {c: _feature_spec(split)[c] for c in columns}
     wanted = None if indices is None else set(indices)
+    last = max(wanted, default=-1) if wanted is not None else None
     rows: dict[int, dict[str, Any]] = {}
     base = 0
     for path in split.files:
+        if last is not None and base > last:
+            break  # every wanted row has been read
         local = -1
         for local, data in iter_records(path):
             index = base + local
+            if last is not None and index > last:
+                break
             if wanted is not None and index not in wanted:
                 continue
             where = f"{path}: record {local}"

@@ -11,15 +11,15 @@ source: it takes this piece's contiguous block of units, maps them over ``worker
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
+import itertools
 import multiprocessing
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
-
-from tqdm import tqdm
 
 from data_prep.shards import (
     EpisodeShardWriter,
@@ -32,6 +32,7 @@ from data_prep.shards import (
 )
 from data_prep.staging import commit, discard, staging_dir
 from hypertrain.episode import Episode
+from hypertrain.progress import progress
 
 U = TypeVar("U")
 
@@ -93,6 +94,9 @@ class UnitResult:
     """Set when a filter removed the whole unit (e.g. ``non_english``): listed under ``dropped_tasks``."""
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Source-specific facts for the manifest's ``extra`` (merged across units and pieces)."""
+    pools: list[int] | None = None
+    """Sizes of consecutive groups of ``episodes`` that must each be a shard of their own (P3 training: the loader
+    draws demonstrations within a shard); several units may then be blocks of one task."""
 
 
 def piece_of(units: Sequence[U], num_jobs: int, job_index: int) -> list[U]:
@@ -109,8 +113,9 @@ def piece_of(units: Sequence[U], num_jobs: int, job_index: int) -> list[U]:
 def map_in_order(
     fn: Callable[[U], UnitResult], units: Sequence[U], workers: int, desc: str
 ) -> Iterator[UnitResult]:
-    """``map(fn, units)`` over ``workers`` processes, results in input order, with a progress bar on a terminal."""
-    bar = tqdm(total=len(units), desc=desc, unit="task", disable=None, file=sys.stderr)
+    """``map(fn, units)`` over ``workers`` processes, results in input order, with progress (a bar on a terminal,
+    a line every 30 s in a log)."""
+    bar = progress(len(units), desc, unit="unit")
     try:
         if workers <= 1 or len(units) <= 1:
             for unit in units:
@@ -119,7 +124,16 @@ def map_in_order(
             return
         context = multiprocessing.get_context("spawn")
         with context.Pool(processes=workers) as pool:
-            for result in pool.imap(fn, units, chunksize=1):
+            # At most 2 units per worker in flight: finished results never pile up (each holds a unit's episodes)
+            # while this process writes the earlier ones.
+            pending: collections.deque = collections.deque()
+            queue = iter(units)
+            for unit in itertools.islice(queue, 2 * workers):
+                pending.append(pool.apply_async(fn, (unit,)))
+            while pending:
+                result = pending.popleft().get()
+                for unit in itertools.islice(queue, 1):
+                    pending.append(pool.apply_async(fn, (unit,)))
                 yield result
                 bar.update()
     finally:
@@ -199,11 +213,19 @@ def _write_piece(
                 dropped.setdefault(result.dropped, []).append(result.task)
             if not result.episodes:
                 continue
-            if result.task in tasks:
+            if result.task in tasks and result.pools is None:
                 raise PrepError(f"task {result.task!r} was produced twice")
-            for episode in result.episodes:
-                writer.write(episode)
-            tasks[result.task] = len(result.episodes)
+            if result.pools is None:
+                for episode in result.episodes:
+                    writer.write(episode)
+            else:
+                start = 0
+                for size in result.pools:
+                    writer.new_shard()
+                    for episode in result.episodes[start : start + size]:
+                        writer.write(episode)
+                    start += size
+            tasks[result.task] = tasks.get(result.task, 0) + len(result.episodes)
             categories[result.task] = list(result.categories)
     return build_manifest(
         **about,

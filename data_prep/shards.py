@@ -94,6 +94,11 @@ class EpisodeShardWriter:
         self._writer.write({"__key__": key, "json": episode.to_json()})
         self._counts[self._writer.fname] += 1
 
+    def new_shard(self) -> None:
+        """End the current shard (if it holds anything): what is written next starts a shard of its own."""
+        if self._counts.get(self._writer.fname, 0):
+            self._writer.next_stream()
+
     def _finalize(self, fname: str) -> None:
         tmp = Path(fname + ".tmp")
         count = self._counts.get(fname, 0)
@@ -128,6 +133,10 @@ def remove_stale_shards(out_dir: Path, prefix: str) -> None:
     for path in out_dir.iterdir():
         if pattern.match(path.name):
             path.unlink()
+
+
+TASKS_IN_BLOCKS = "tasks_in_blocks"
+"""A ``filters`` key: the prep split tasks into blocks (units), so a task's episodes may come from several pieces."""
 
 
 def build_manifest(
@@ -260,9 +269,10 @@ def merge_manifests(out_dir: str | Path, remove_parts: bool = True, verify_outpu
         for reason, names in piece["dropped_tasks"].items():
             dropped.setdefault(reason, set()).update(names)
         overlap = set(tasks) & set(piece["tasks"])
-        if overlap:
+        if overlap and not first["filters"].get(TASKS_IN_BLOCKS):
             raise ShardError(f"{parts[index].name}: tasks {sorted(overlap)[:3]} also appear in another piece")
-        tasks.update(piece["tasks"])
+        for task, count in piece["tasks"].items():  # a task prepared in blocks may span pieces
+            tasks[task] = tasks.get(task, 0) + count
         categories.update(piece["categories"])
         skipped.update(piece["skipped"])
         shards.extend(piece["shards"])
@@ -351,13 +361,17 @@ def verify(out_dir: str | Path, members: bool = True) -> dict[str, Any]:
     """
     out_dir = Path(out_dir)
     manifest = read_manifest(out_dir)
+    from hypertrain.progress import progress
+
     task_counts: Counter[str] = Counter()
     total = 0
-    for shard in manifest["shards"]:
-        path = out_dir / shard["file"]
-        check_shard_file(path, shard.get("bytes"), shard["sha256"])
-        if members:
-            total += _check_members(path, shard, task_counts)
+    with progress(len(manifest["shards"]), f"verify {out_dir.name}", unit="shard") as bar:
+        for shard in manifest["shards"]:
+            path = out_dir / shard["file"]
+            check_shard_file(path, shard.get("bytes"), shard["sha256"])
+            if members:
+                total += _check_members(path, shard, task_counts)
+            bar.update()
     if not members:
         return {"shards": len(manifest["shards"]), "num_samples": manifest["num_samples"], "tasks": len(manifest["tasks"])}
     if total != manifest["num_samples"]:

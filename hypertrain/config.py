@@ -105,8 +105,12 @@ class P3PrepConfig:
     eval_set: Literal["hart", "t0"] = "hart"
     """Held-out datasets of ``--split eval``: ``hart`` (HART's Tables 3-4: ANLI R1-R3, HellaSwag, CB, COPA, RTE,
     WiC, WSC, Winogrande; StoryCloze left out on purpose) or ``t0`` (T0's, with StoryCloze where present)."""
-    token_ids: bool = True
-    """Keep P3's T5 token ids (``input_ids``, ``target_ids``, ``choice_ids``) beside the text."""
+    token_ids: bool | None = None
+    """Keep P3's T5 token ids (``input_ids``, ``target_ids``, ``choice_ids``) beside the text; ``None``: the eval
+    split keeps them, the train split does not (the collator tokenizes the text; the ids would double the shards)."""
+    rows_per_unit: int = 50000
+    """Training subsets are prepared in blocks of at most this many kept rows, one unit of work each (workers and
+    job-array pieces share a large subset; memory per worker stays bounded)."""
     seed: int = 42
     shard_max_samples: int = 10000
     shard_max_bytes: int = 256 * 1024**2
@@ -120,6 +124,10 @@ class P3PrepConfig:
 
     def __post_init__(self) -> None:
         _at_least(self, "p3_prep", ("shots", "shard_max_samples", "shard_max_bytes", "workers", "num_jobs"), 1)
+        for key in ("rows_per_unit", "shard_max_samples"):
+            if getattr(self, key) <= 2 * self.shots:
+                raise ConfigError(f"p3_prep.{key}: must exceed 2 x shots ({2 * self.shots}) so that every pool of "
+                                  f"rows can supply the demonstrations, got {getattr(self, key)}")
         _at_least(self, "p3_prep", ("max_avg_input_tokens", "mixing_cap"), 0, note="(0 turns it off)")
         if not 0 <= self.job_index < self.num_jobs:
             raise ConfigError(f"p3_prep.job_index: must be in [0, num_jobs={self.num_jobs}), got {self.job_index}")

@@ -48,6 +48,14 @@ def run(src: Path, out: Path, **options) -> dict:
     return p3.prepare(P3PrepConfig(src=str(src), out=str(out), **options))
 
 
+def loader_episodes(out: Path, pass_index: int = 0, seed: int = 0) -> list[Episode]:
+    """One pass of a prepared P3 training directory as the loader delivers it (demonstrations drawn)."""
+    from hypertrain.data.stream import SlotStream, load_source
+
+    stream = SlotStream(load_source(out), slot=0, num_slots=1, seed=seed, shuffle_buffer=1)
+    return [payload for payload, _ in stream._pass_payloads(pass_index)]
+
+
 def demo_blocks(hyper_input: str) -> list[tuple[str, str]]:
     """Invert :func:`p3.render_demonstrations` (the fixtures' texts hold no blank lines)."""
     pairs = []
@@ -175,11 +183,17 @@ def test_real_sample_train_episodes(p3_sample, tmp_path):
         assert episode.input == row["inputs_pretokenized"] and episode.targets == [
             row["targets_pretokenized"]
         ]
-        assert episode.extra == {"input_ids": row["inputs"], "target_ids": row["targets"]}
-        demos = demo_blocks(episode.hyper_input)
+        assert episode.extra == {} and episode.hyper_input == ""  # stored once: the loader draws the demos
+    assert manifest["filters"]["demonstrations"] == {"drawn_by": "loader", "shots": 5}
+    drawn = {e.id: e for e in loader_episodes(tmp_path / "out")}
+    for row, episode in zip(rows, episodes, strict=True):
+        demos = demo_blocks(drawn[episode.id].hyper_input)
         assert len(demos) == 5 and set(demos) <= pairs and len(set(demos)) == 5
         assert all(x in inputs and x != row["inputs_pretokenized"].strip() for x, _ in demos)
     assert verify(tmp_path / "out")["num_samples"] == 28
+    with_ids = run(p3_sample, tmp_path / "ids", split="train", shots=5, token_ids=True)
+    assert with_ids["num_samples"] == 28
+    assert read_episodes(tmp_path / "ids")[0].extra == {"input_ids": rows[0]["inputs"], "target_ids": rows[0]["targets"]}
 
 
 def test_real_sample_eval_regroups_score_eval(p3_sample, tmp_path):
@@ -309,7 +323,7 @@ def test_demonstrations_never_contain_the_query(tmp_path):
     src = tmp_path / "src"
     write_tfrecord_subset(src, "ag_news_classify", "train", rows)
     run(src, tmp_path / "out", split="train", shots=8)
-    episodes = read_episodes(tmp_path / "out")
+    episodes = loader_episodes(tmp_path / "out")
     assert len(episodes) == 12
     for episode in episodes:
         demos = demo_blocks(episode.hyper_input)
@@ -318,7 +332,11 @@ def test_demonstrations_never_contain_the_query(tmp_path):
         assert (episode.input.strip(), episode.targets[0].strip()) not in demos
     # shots close to the pool size: rows sharing row 0's input have only 12 - 4 = 8 candidates left
     with pytest.raises(PrepError, match="row 0: fewer than 9 other rows with a different input"):
-        run(src, tmp_path / "out2", split="train", shots=9)
+        run(src, tmp_path / "out2", split="train", shots=9, shard_max_samples=100, rows_per_unit=100)
+    manifest = run(src, tmp_path / "out3", split="train", shots=9, shard_max_samples=100, rows_per_unit=100,
+                   skip_bad=True)
+    # with --skip-bad the whole pool goes: once row 0's 4 rows leave, the other 8 have 7 candidates each
+    assert manifest["skipped"] == {"instance:too_few_distinct_demonstrations": 12} and manifest["num_samples"] == 0
 
 
 def test_mixing_cap_is_t0s_rule_and_seeded(tmp_path):
@@ -345,9 +363,10 @@ def test_mixing_cap_is_t0s_rule_and_seeded(tmp_path):
     kept = [int(e.id.rsplit("/", 1)[1]) for e in episodes]
     assert kept == sorted(kept) and kept != list(range(25)) and max(kept) >= 25  # a sample, kept in row order
     kept_inputs = {e.input.strip() for e in episodes}
-    assert all(
-        x in kept_inputs for e in episodes for x, _ in demo_blocks(e.hyper_input)
-    )  # demos from kept rows
+    drawn = [e for e in loader_episodes(tmp_path / "out") if e.task == "dbpedia_14_a"]
+    assert len(drawn) == 25 and all(
+        x in kept_inputs for e in drawn for x, _ in demo_blocks(e.hyper_input)
+    )  # demos from kept rows of the same subset
     run(src, tmp_path / "seed2", split="train", mixing_cap=100, shots=4, seed=2)
     other = [e.id for e in read_episodes(tmp_path / "seed2") if e.task == "dbpedia_14_a"]
     assert other != [e.id for e in episodes]
@@ -518,9 +537,9 @@ def test_feature_declared_but_missing_from_a_record(tmp_path):
     with pytest.raises(
         TFRecordError, match=r"train\.tfrecord-00000-of-00001: record 6: feature 'targets' is declared"
     ):
-        run(src, tmp_path / "out", split="train", shots=2)
-    # the token ids are optional: without them the record is fine
-    assert run(src, tmp_path / "out2", split="train", shots=2, token_ids=False)["tasks"] == {
+        run(src, tmp_path / "out", split="train", shots=2, token_ids=True)
+    # the token ids are optional (and left out of training shards by default): without them the record is fine
+    assert run(src, tmp_path / "out2", split="train", shots=2)["tasks"] == {
         "rotten_tomatoes_x": 10
     }
 

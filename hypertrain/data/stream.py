@@ -10,6 +10,9 @@ A slot reads an infinite stream of episodes, pass after pass over its part of th
   shuffle buffer, so tasks mix even though the prep writes shards task by task;
 - **mixing**: several sources (manifests) are mixed per sample by a seeded weighted draw.
 
+P3 training rows get their demonstrations here (:mod:`hypertrain.demonstrations`): a slot reads a whole shard, then
+draws each of its rows' K demonstrations from the rest of the shard's pool, seeded by the pass and the position.
+
 The stream is a pure function of (seed, slot, position): resuming at position ``n`` replays the mixing draws
 (cheap), skips whole passes by arithmetic over the manifest's shard counts, and re-reads only the current pass
 of each source up to its offset. Tar members are read by webdataset; JSON is decoded only for kept samples.
@@ -24,10 +27,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from data_prep.shards import ShardError, check_shard_file, read_manifest
+from hypertrain.demonstrations import ShardPools, demonstration_rng, drawn_shots
 from hypertrain.episode import Episode
 
-Payload = tuple[bytes, str]
-"""A sample's raw JSON and where it came from (``<shard>: member <key>.json``), for error messages."""
+Payload = tuple["bytes | Episode", str]
+"""A sample's raw JSON (or, for rows whose demonstrations the loader draws, the episode built) and where it came
+from (``<shard>: member <key>.json``), for error messages."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +47,8 @@ class Source:
     weight: float = 1.0
     checksums: tuple[tuple[int | None, str], ...] = ()
     """(bytes, sha256) per shard as the manifest records them (bytes is None in manifests that predate it)."""
+    shots: int = 0
+    """K when the loader draws each row's demonstrations from its shard (P3 training), else 0."""
 
     @property
     def num_samples(self) -> int:
@@ -64,7 +71,8 @@ def load_source(directory: str | Path, weight: float = 1.0) -> Source:
     if weight <= 0:
         raise ValueError(f"{directory}: mixing weight must be > 0, got {weight}")
     name = f"{manifest['source']}/{manifest['split']}:{directory.name}"
-    return Source(name, directory, tuple(shards), tuple(sorted(manifest["tasks"])), weight, tuple(checksums))
+    return Source(name, directory, tuple(shards), tuple(sorted(manifest["tasks"])), weight, tuple(checksums),
+                  drawn_shots(manifest))
 
 
 def check_shards(sources: Sequence[Source], mode: str, part: int = 0, parts: int = 1) -> list[str]:
@@ -126,37 +134,31 @@ class SlotStream:
         return random.Random(f"{self.seed}/{self.source.name}/{what}/{slot}/{pass_index}")
 
     def _pass_payloads(self, pass_index: int) -> Iterator[Payload]:
-        """The raw JSON payloads this slot owns in one pass, in shard-visit order (before the shuffle buffer),
-        each with the shard and member it came from."""
-        import webdataset as wds
-
+        """The samples this slot owns in one pass, in shard-visit order (before the shuffle buffer), each with the
+        shard and member it came from: raw JSON, or (rows whose demonstrations the loader draws) the episode with
+        its hypernetwork input built from the rest of the shard."""
         shards = list(self.my_shards)
         self._rng("shards", pass_index).shuffle(shards)
+        shots = self.source.shots
         index = 0
         for path, expected in shards:
-            members = iter(wds.DataPipeline(wds.SimpleShardList([path]), wds.tarfile_to_samples()))
-            read = 0
-            while True:
-                try:
-                    sample = next(members)
-                except StopIteration:
-                    break
-                except Exception as err:  # truncated or corrupt tar
-                    raise ShardError(
-                        f"{path}: unreadable after {read} members ({type(err).__name__}: {err}); "
-                        "re-run data_prep.verify"
-                    ) from err
-                read += 1
-                if "json" not in sample:
-                    raise ShardError(f"{path}: member {sample.get('__key__')!r} has no .json part (not an episode)")
+            members = _shard_members(path, expected)
+            pools = None
+            if shots:
+                members = list(members)  # the pool: every row of the shard, owned by this slot or not
+                pools = ShardPools.of([_episode(payload, f"{path}: member {key}.json") for key, payload in members])
+            for position, (key, payload) in enumerate(members):
                 if self.shard_level or index % self.num_slots == self.slot:
-                    yield sample["json"], f"{path}: member {sample['__key__']}.json"
+                    where = f"{path}: member {key}.json"
+                    if pools is None:
+                        yield payload, where
+                    else:
+                        rng = demonstration_rng(self.seed, self.source.name, pass_index, Path(path).name, position)
+                        try:
+                            yield pools.with_demonstrations(position, shots, rng, where), where
+                        except ValueError as err:
+                            raise ShardError(str(err)) from err
                 index += 1
-            if read != expected:  # a truncated tar ends early without an error; an extra member reads fine
-                raise ShardError(
-                    f"{path}: holds {read} episodes, the manifest says {expected} (truncated or modified; "
-                    "re-run data_prep.verify)"
-                )
 
     def _shuffled_pass(self, pass_index: int) -> Iterator[Payload]:
         rng = self._rng("buffer", pass_index)
@@ -188,6 +190,41 @@ class SlotStream:
             pass_index, offset = pass_index + 1, 0
 
 
+def _shard_members(path: str, expected: int) -> Iterator[tuple[str, bytes]]:
+    """(key, JSON bytes) of every member of one shard; a truncated or modified shard raises :class:`ShardError`."""
+    import webdataset as wds
+
+    members = iter(wds.DataPipeline(wds.SimpleShardList([path]), wds.tarfile_to_samples()))
+    read = 0
+    while True:
+        try:
+            sample = next(members)
+        except StopIteration:
+            break
+        except Exception as err:  # truncated or corrupt tar
+            raise ShardError(
+                f"{path}: unreadable after {read} members ({type(err).__name__}: {err}); re-run data_prep.verify"
+            ) from err
+        read += 1
+        if "json" not in sample:
+            raise ShardError(f"{path}: member {sample.get('__key__')!r} has no .json part (not an episode)")
+        yield sample["__key__"], sample["json"]
+    if read != expected:  # a truncated tar ends early without an error; an extra member reads fine
+        raise ShardError(
+            f"{path}: holds {read} episodes, the manifest says {expected} (truncated or modified; re-run "
+            "data_prep.verify)"
+        )
+
+
+def _episode(payload: bytes | Episode, where: str) -> Episode:
+    if isinstance(payload, Episode):
+        return payload
+    try:
+        return Episode.from_json(payload)
+    except (ValueError, TypeError, KeyError) as err:  # bad JSON, missing field: name shard and member
+        raise ShardError(f"{where}: not a valid episode ({err})") from err
+
+
 class MixedStream:
     """Episodes of one slot drawn from several sources by a seeded weighted choice per sample."""
 
@@ -207,10 +244,7 @@ class MixedStream:
         iterators = [stream.iterate(skip) for stream, skip in zip(self.streams, consumed, strict=True)]
         while True:
             payload, where = next(iterators[self._draw(rng, choices)])
-            try:
-                yield Episode.from_json(payload)
-            except (ValueError, TypeError, KeyError) as err:  # bad JSON, missing field: name shard and member
-                raise ShardError(f"{where}: not a valid episode ({err})") from err
+            yield _episode(payload, where)
 
     def _draw(self, rng: random.Random, choices: range) -> int:
         if len(self.weights) == 1:

@@ -41,6 +41,7 @@ from hypertrain.evaluation import p3, sni
 from hypertrain.evaluation.adapters import EvalModel, Tokens, eval_model
 from hypertrain.evaluation.data import EvalError, EvalSet, load_eval_sets
 from hypertrain.evaluation.metrics import SNI_METRICS, aggregate_p3, aggregate_sni
+from hypertrain.progress import progress
 
 log = logging.getLogger("hypertrain")
 
@@ -121,6 +122,7 @@ def rank_rows(
                 ready[task] = peft
     rows: list[dict[str, Any]] = []
     current: tuple[str, Any] | None = None
+    shown = progress(sum(b.stop - b.start for b in share), f"eval {eval_set.name}", unit="example") if rank == 0 else None
     for batch in share:
         if synced:
             peft = ready[batch.task]
@@ -141,6 +143,10 @@ def rank_rows(
         else:
             scores = p3.score(model.main, tokens, chunk, peft)
             rows.extend(p3.record(batch.start + i, e, s, group) for i, (e, s) in enumerate(zip(chunk, scores, strict=True)))
+        if shown is not None:
+            shown.update(len(chunk))
+    if shown is not None:
+        shown.close()
     return rows
 
 
