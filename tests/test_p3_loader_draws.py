@@ -96,3 +96,10 @@ def test_job_array_pieces_merge_to_the_single_run(prepared, tmp_path):
     manifests = [json.loads((d / "manifest.json").read_text()) for d in (prepared / "out", tmp_path / "array")]
     assert manifests[0]["tasks"] == manifests[1]["tasks"] and manifests[0]["extra"] == manifests[1]["extra"]
     assert [s["num_samples"] for s in manifests[0]["shards"]] == [s["num_samples"] for s in manifests[1]["shards"]]
+
+
+def test_training_rows_are_refused_as_an_eval_set(prepared):
+    from hypertrain.evaluation.data import EvalError, load_eval_set
+
+    with pytest.raises(EvalError, match="demonstrations the training loader draws"):
+        load_eval_set(prepared / "out")

@@ -70,10 +70,16 @@ def _check_english(episode: Episode, directory: Path) -> None:
 def load_eval_set(directory: str | Path, max_examples_per_task: int = 0, name: str | None = None) -> EvalSet:
     """Read a prepared directory (or its ``manifest.json``); ``max_examples_per_task`` > 0 keeps each task's first N."""
     from data_prep.shards import iter_shard_episodes, read_manifest
+    from hypertrain.demonstrations import drawn_shots
 
     directory = _manifest_dir(directory)
     manifest = read_manifest(directory)
     source = str(manifest.get("source", ""))
+    if drawn_shots(manifest):
+        raise EvalError(
+            f"{directory}: P3 training rows, whose demonstrations the training loader draws; evaluate a directory "
+            "prepared with data_prep.p3 --split eval (fixed demonstrations per subset)"
+        )
     by_task: dict[str, list[Episode]] = {}
     hyper: dict[str, str] = {}
     for shard in manifest["shards"]:
