@@ -96,7 +96,41 @@ class UnitResult:
     """Source-specific facts for the manifest's ``extra`` (merged across units and pieces)."""
     pools: list[int] | None = None
     """Sizes of consecutive groups of ``episodes`` that must each be a shard of their own (P3 training: the loader
-    draws demonstrations within a shard); several units may then be blocks of one task."""
+    draws demonstrations within a shard); several units may then be blocks of one task. The worker that made them
+    writes them (:func:`write_pools`) and sends back only the shard entries."""
+    written: list[dict[str, Any]] | None = None
+    """Shards the worker wrote itself (manifest entries), when ``pools`` was set."""
+
+
+def write_pools(result: UnitResult, out: Path, prefix: str, max_samples: int, max_bytes: int) -> UnitResult:
+    """In the worker: write a pooled result's episodes as shards ``<prefix>-NNNNNN.tar`` in ``out``, one pool per
+    shard, and keep only their manifest entries (nothing large travels back to the writing process)."""
+    if result.pools is None or not result.episodes:
+        return result
+    with EpisodeShardWriter(out, prefix, max_samples, max_bytes) as writer:
+        start = 0
+        for size in result.pools:
+            writer.new_shard()
+            for episode in result.episodes[start : start + size]:
+                writer.write(episode)
+            start += size
+    return dataclasses.replace(result, episodes=[], written=writer.shards)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Work:
+    """One unit as a worker runs it: its function, and where and under which name pooled shards go."""
+
+    fn: Callable[[Any], UnitResult]
+    out: Path
+    split: str
+    max_samples: int
+    max_bytes: int
+
+    def __call__(self, item: tuple[int, Any]) -> UnitResult:
+        index, unit = item
+        # the unit's index in the whole run names its shards: a job array writes what one run writes
+        return write_pools(self.fn(unit), self.out, f"{self.split}-u{index:06d}", self.max_samples, self.max_bytes)
 
 
 def piece_of(units: Sequence[U], num_jobs: int, job_index: int) -> list[U]:
@@ -162,15 +196,16 @@ def run_prep(
     A single run stages its output and swaps it in for ``out_dir`` once complete and verified; a job-array piece
     leaves its output in the shared staging directory for ``data_prep.merge`` (see :mod:`data_prep.staging`).
     """
-    mine = piece_of(units, num_jobs, job_index)
+    mine = piece_of(list(enumerate(units)), num_jobs, job_index)
     prefix = shard_prefix(split, num_jobs, job_index)
     # Nothing is written into out_dir until the new output is complete and verified (data_prep.staging).
     staging = staging_dir(out_dir, shared=num_jobs > 1)
     if num_jobs == 1:
         discard(staging)  # leftovers of a killed run of this pid
     try:
+        work = _Work(fn, staging, split, shard_max_samples, shard_max_bytes)
         manifest = _write_piece(
-            staging, prefix, mine, fn, workers, f"{source} {split}", shard_max_samples, shard_max_bytes,
+            staging, prefix, mine, work, workers, f"{source} {split}", shard_max_samples, shard_max_bytes,
             dropped_tasks or {}, dict(source=source, split=split, options=options, filters=filters),
         )
         write_json_atomic(staging / manifest_filename(num_jobs, job_index), manifest)
@@ -204,6 +239,7 @@ def _write_piece(
     dropped: dict[str, list[str]] = {reason: list(names) for reason, names in dropped_tasks.items()}
     merged_extra: dict[str, Any] = {}
     skipped_records = SkippedRecords()
+    written: list[dict[str, Any]] = []
     with EpisodeShardWriter(staging, prefix, shard_max_samples, shard_max_bytes) as writer:
         for result in map_in_order(fn, mine, workers, desc=desc):
             skipped_records.add(result.skipped)
@@ -211,25 +247,19 @@ def _write_piece(
             merge_extra(merged_extra, result.extra)
             if result.dropped:
                 dropped.setdefault(result.dropped, []).append(result.task)
-            if not result.episodes:
+            count = sum(shard["num_samples"] for shard in result.written or ()) + len(result.episodes)
+            if not count:
                 continue
             if result.task in tasks and result.pools is None:
                 raise PrepError(f"task {result.task!r} was produced twice")
-            if result.pools is None:
-                for episode in result.episodes:
-                    writer.write(episode)
-            else:
-                start = 0
-                for size in result.pools:
-                    writer.new_shard()
-                    for episode in result.episodes[start : start + size]:
-                        writer.write(episode)
-                    start += size
-            tasks[result.task] = tasks.get(result.task, 0) + len(result.episodes)
+            for episode in result.episodes:
+                writer.write(episode)
+            written += result.written or []
+            tasks[result.task] = tasks.get(result.task, 0) + count
             categories[result.task] = list(result.categories)
     return build_manifest(
         **about,
-        shards=writer.shards,
+        shards=writer.shards + written,
         tasks=tasks,
         skipped=dict(skipped),
         categories=categories,
