@@ -2,7 +2,7 @@
 
 The real sample's generative rows (about 240-token inputs, with their token ids) are replicated, every input made
 unique, into synthetic subsets in P3's repository layout (TFRecord + info/stats JSON). Each prep runs in a fresh
-process that reports its own peak RSS (its workers' included):
+process that reports its own peak RSS (``VmHWM``) and its largest worker's:
 
 - one subset of each size in ``--sizes`` (default 10k, 50k, 200k, 500k rows), 1 worker: wall time, rows/s, peak
   RSS, output bytes / input bytes;
@@ -39,7 +39,10 @@ options = json.loads(sys.argv[1])
 start = time.perf_counter()
 manifest = p3.prepare(P3PrepConfig(**options))
 seconds = time.perf_counter() - start
-peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+# VmHWM: this process's own peak (ru_maxrss would carry the launching process's size across fork + exec);
+# RUSAGE_CHILDREN: the largest worker
+own = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
+peak = max(own, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 print(json.dumps({"seconds": seconds, "episodes": manifest["num_samples"], "peak_rss_mb": peak / 1024}))
 """
 

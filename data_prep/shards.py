@@ -16,7 +16,9 @@ Guarantees:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -56,62 +58,73 @@ def shard_prefix(split: str, num_jobs: int = 1, job_index: int = 0) -> str:
 
 
 class EpisodeShardWriter:
-    """Writes episodes into size- and count-bounded tars through ``webdataset.ShardWriter``.
+    """Writes episodes into size- and count-bounded tar shards (WebDataset's layout: ``<key>.json`` members).
 
-    Each shard is written to ``<name>.tmp`` and renamed when complete, so a killed job never leaves a
-    truncated shard under a final name. Use as a context manager; :attr:`shards` lists what was written.
+    Written with :mod:`tarfile` (no webdataset import, so prep worker processes do not load torch). Each shard is
+    written to ``<name>.tmp`` and renamed when complete, so a killed job never leaves a truncated shard under a
+    final name; tar headers are fixed (mtime 0, owner ``hypertrain``, mode 0444) so equal input gives equal bytes.
+    Use as a context manager; :attr:`shards` lists what was written.
     """
 
     def __init__(self, out_dir: str | Path, prefix: str, max_samples: int, max_bytes: int) -> None:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.prefix = prefix
+        self.max_samples, self.max_bytes = max_samples, max_bytes
         self.shards: list[dict[str, Any]] = []
-        self._counts: Counter[str] = Counter()
         self._keys: set[str] = set()
+        self._next_index = 0
+        self._path: Path | None = None
+        self._handle: Any = None
+        self._tar: tarfile.TarFile | None = None
+        self._count = 0
         remove_stale_shards(self.out_dir, prefix)
-        import webdataset as wds  # imports torch: keep it out of prep worker processes, which only parse
-
-        self._writer = wds.ShardWriter(
-            str(self.out_dir / f"{prefix}-%06d.tar"),
-            maxcount=max_samples,
-            maxsize=max_bytes,
-            post=self._finalize,
-            opener=lambda fname: open(fname + ".tmp", "wb"),  # noqa: SIM115 (ShardWriter closes it)
-            verbose=0,
-            # Reproducible tar headers: fixed mtime, owner and mode.
-            mtime=0,
-            user="hypertrain",
-            group="hypertrain",
-            mode=0o444,
-        )
 
     def write(self, episode: Episode) -> None:
         key = sample_key(episode.id)
         if key in self._keys:
             raise ValueError(f"duplicate episode id {episode.id!r} (key {key!r}) in {self.prefix}")
         self._keys.add(key)
-        self._writer.write({"__key__": key, "json": episode.to_json()})
-        self._counts[self._writer.fname] += 1
+        if self._tar is not None and (self._count >= self.max_samples or self._handle.tell() >= self.max_bytes):
+            self._finish()
+        if self._tar is None:
+            self._open()
+        payload = episode.to_json()
+        info = tarfile.TarInfo(f"{key}.json")
+        info.size, info.mtime, info.mode = len(payload), 0, 0o444
+        info.uname = info.gname = "hypertrain"
+        self._tar.addfile(info, io.BytesIO(payload))
+        self._count += 1
 
     def new_shard(self) -> None:
         """End the current shard (if it holds anything): what is written next starts a shard of its own."""
-        if self._counts.get(self._writer.fname, 0):
-            self._writer.next_stream()
+        if self._tar is not None and self._count:
+            self._finish()
 
-    def _finalize(self, fname: str) -> None:
-        tmp = Path(fname + ".tmp")
-        count = self._counts.get(fname, 0)
-        if count == 0:  # ShardWriter opens a first shard eagerly; drop it if nothing was written.
+    def _open(self) -> None:
+        self._path = self.out_dir / f"{self.prefix}-{self._next_index:06d}.tar"
+        self._next_index += 1
+        self._handle = open(f"{self._path}.tmp", "wb")  # noqa: SIM115 (closed in _finish / __exit__)
+        self._tar = tarfile.open(fileobj=self._handle, mode="w|", format=tarfile.PAX_FORMAT)  # noqa: SIM115
+        self._count = 0
+
+    def _finish(self) -> None:
+        assert self._tar is not None and self._path is not None
+        self._tar.close()
+        self._handle.close()
+        tmp = Path(f"{self._path}.tmp")
+        if self._count:
+            entry = {"file": self._path.name, "num_samples": self._count, "bytes": tmp.stat().st_size,
+                     "sha256": sha256_file(tmp)}
+            os.replace(tmp, self._path)
+            self.shards.append(entry)
+        else:
             tmp.unlink(missing_ok=True)
-            return
-        final = Path(fname)
-        entry = {"file": final.name, "num_samples": count, "bytes": tmp.stat().st_size, "sha256": sha256_file(tmp)}
-        os.replace(tmp, final)
-        self.shards.append(entry)
+        self._tar = self._handle = None
 
     def close(self) -> None:
-        self._writer.close()
+        if self._tar is not None:
+            self._finish()
 
     def __enter__(self) -> EpisodeShardWriter:
         return self
@@ -120,9 +133,11 @@ class EpisodeShardWriter:
         if exc_type is None:
             self.close()
         else:  # leave no partial shard behind under any name
-            stream = getattr(self._writer, "tarstream", None)
-            if stream is not None:
-                stream.close()
+            with contextlib.suppress(Exception):
+                if self._tar is not None:
+                    self._tar.close()
+            if self._handle is not None:
+                self._handle.close()
             for tmp in self.out_dir.glob(f"{self.prefix}-*.tar.tmp"):
                 tmp.unlink(missing_ok=True)
 
