@@ -1,6 +1,7 @@
 """Reproducing HART's tables: the layouts against an MLflow store, and ``hypertrain repro hart-table3`` for real on
 the one-node Slurm cluster at tiny shapes (every row trains, HyperTuning-PT after its C4 pretraining, the table
-prints, the LoRA row's export loads in Hugging Face PEFT)."""
+prints, the LoRA row's export loads in Hugging Face PEFT). The jobs run two at a time and share one sqlite MLflow
+store, as a table's jobs on a cluster share one tracking server."""
 
 from __future__ import annotations
 
@@ -121,8 +122,9 @@ def test_repro_table3_on_slurm_every_row_trains_and_the_table_prints(repro_data,
     logs = tmp_path / "logs"
     logs.mkdir()
     command = [sys.executable, "-m", "hypertrain.cli", "repro", "hart-table3", "--runs-root", str(runs_root),
-               "--data-root", str(repro_data), "--one-at-a-time", "--set", *TINY,
-               "--sbatch-args", f"--gpus-per-node=0 --time=20 --output={logs}/%x-%j.out"]
+               "--data-root", str(repro_data), "--set", *TINY,
+               # two jobs at a time on the 2-core node (the scripts ask for whole nodes; --exclusive=user shares)
+               "--sbatch-args", f"--gpus-per-node=0 --exclusive=user --time=20 --output={logs}/%x-%j.out"]
     result = subprocess.run(command, cwd=REPO, env=job_env(GPUS_PER_NODE="1"), capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr
