@@ -71,3 +71,18 @@ def test_gpu_suite_smoke_writes_json_table_and_reports_failures(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=900, check=False,
     )
     assert again.returncode == 0 and again.stdout.count("] tiny_") == 1
+
+
+def test_p3_prep_benchmark_reports_size_memory_and_workers(tmp_path, p3_sample):
+    out = tmp_path / "prep.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "prep_p3.py"), "--src", str(p3_sample), "--sizes", "300", "900",
+         "--parallel-subsets", "2", "--parallel-rows", "300", "--repeats", "1", "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert [row["rows"] for row in report["sizes"]] == [300, 900]
+    for row in report["sizes"]:  # rows stored once: no copies of the demonstrations in the output
+        assert 0 < row["output_bytes"] <= 2 * row["input_bytes"] and row["peak_rss_mb"] > 0
+    assert report["parallel"]["identical_manifests"] is True and report["parallel"]["speedup"] > 0
