@@ -10,10 +10,12 @@ Input: a copy of P3 in one of two layouts, detected from the files (:func:`disco
    ``stats.<split>.json`` (token counts);
 2. its parquet export: ``<subset>/<split>/NNNN.parquet`` (also ``<subset>/[prefix-]<split>[-NNNNN-of-NNNNN].parquet``).
 
-``--split train`` writes one episode per kept training row of every T0 training subset: the query's input and
-target, and K demonstrations (other rows of the same subset) rendered by :func:`render_demonstrations` as the
-hypernetwork input. Subsets whose average input length exceeds ``--max-avg-input-tokens`` are dropped, and each
-subset keeps at most ``--mixing-cap // (templates of its dataset)`` rows (T0's rule).
+``--split train`` writes each kept training row of every T0 training subset once, as an episode whose
+``hyper_input`` is empty: the training loader draws its K demonstrations from the other rows of its shard (a pool
+of one subset) at every pass (:mod:`hypertrain.demonstrations`). Subsets whose average input length exceeds
+``--max-avg-input-tokens`` are dropped, each subset keeps at most ``--mixing-cap // (templates of its dataset)``
+rows (T0's rule), and a subset is prepared in blocks of at most ``--rows-per-unit`` rows whose workers write their
+own shards. Row counts come from ``stats.train.json`` (counted where it is absent).
 
 ``--split eval`` writes one multiple-choice episode per example of the held-out ``_score_eval`` subsets (rows
 regrouped by ``idx[0]``; choices in ``idx[1]`` order, ``label`` = the ``is_correct`` one) or, for subsets with
