@@ -83,11 +83,12 @@ def plan_jobs(table: tables.Table, runs_root: Path, data_root: str | None = None
 
 
 def sbatch_command(job: Job, sbatch_args: Sequence[str], after_id: str | None, one_at_a_time: bool) -> list[str]:
-    command = ["sbatch", "--parsable", f"--job-name=repro-{job.name.replace('/', '-')}"]
+    """``sbatch`` for one run: waits for ``after_id``; with ``one_at_a_time`` all share one name and run in turn."""
+    name = "hart-repro" if one_at_a_time else f"repro-{job.name.replace('/', '-')}"
     dependencies = [f"afterok:{after_id}"] if after_id else []
     if one_at_a_time:
-        command[2] = "--job-name=hart-repro"
         dependencies.append("singleton")
+    command = ["sbatch", "--parsable", f"--job-name={name}"]
     if dependencies:
         command.append("--dependency=" + ",".join(dependencies))
     return [*command, *sbatch_args, "slurm/train.sh"]

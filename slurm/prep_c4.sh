@@ -11,8 +11,8 @@
 # sorted file list); the first task submits slurm/prep_merge.sh with --dependency=afterok on the array, which merges
 # the pieces' manifests and verifies the shards.
 #
-#   C4_SRC=/data/c4 PREP_ARGS="--max-files 64" sbatch slurm/prep_c4.sh
-#   C4_SRC=/data/c4 SPLITS=validation sbatch --array=0-0 slurm/prep_c4.sh
+#   C4_SRC=c4 PREP_ARGS="--max-files 64" sbatch slurm/prep_c4.sh
+#   C4_SRC=c4 SPLITS=validation sbatch --array=0-0 slurm/prep_c4.sh
 #
 # Environment (defaults in brackets; relative paths are relative to the repository root):
 #   C4_SRC         C4 as released: the folder holding en/c4-<split>.*.json.gz [data/c4]
