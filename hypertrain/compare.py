@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hypertrain.tracking import redact
+from hypertrain.tracking import open_client, redact
 
 DEFAULT_METRICS = ("eval/*/rougeL", "eval/*/exact_match", "eval/*/accuracy", "eval/*/dataset_median_average",
                    "eval/*/category/*/rougeL", "eval/*/dataset/*/median")
@@ -149,9 +149,7 @@ def load_runs(
 ) -> list[RunSummary]:
     """Read the runs to compare: by id, else ``search_runs`` over the experiment (all experiments if None)."""
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri)
+    client = open_client(tracking_uri)
     try:
         if run_ids:
             runs = [client.get_run(run_id) for run_id in run_ids]

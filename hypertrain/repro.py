@@ -24,6 +24,7 @@ from pathlib import Path
 
 from hypertrain import repro_tables as tables
 from hypertrain.config import ConfigError, check_override_keys, load_config
+from hypertrain.tracking import open_client, redact
 
 DATA_PREFIX = "data/"
 """The configs' data paths start here (``data/sni/train``, ...); ``--data-root`` replaces it."""
@@ -126,6 +127,14 @@ def default_tracking_uri(runs_root: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(runs_root / 'mlflow.db').resolve()}"
 
 
+def _open_store(uri: str) -> None:
+    """Create (or check) the MLflow store before any job starts, so no two jobs create it at once."""
+    try:
+        open_client(uri)
+    except Exception as err:  # MLflow raises several types for an unusable URI
+        raise RuntimeError(f"cannot open the MLflow store {redact(uri)}: {err}") from err
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "repro", help="submit every run of one of HART's tables to Slurm (then: compare --layout TABLE)",
@@ -153,6 +162,7 @@ def _run(args: argparse.Namespace) -> int:
         uri = default_tracking_uri(runs_root)
         if not args.dry_run:
             runs_root.mkdir(parents=True, exist_ok=True)
+            _open_store(uri)
         submit(jobs, runs_root, uri, shlex.split(args.sbatch_args), args.one_at_a_time, args.dry_run)
     except (ConfigError, RuntimeError, OSError) as err:
         print(f"repro: {err}", file=sys.stderr)

@@ -54,6 +54,7 @@ __all__ = [
     "flatten_params",
     "memory_metrics",
     "model_flops_utilization",
+    "open_client",
     "read_run_id",
     "redact",
 ]
@@ -94,6 +95,31 @@ _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)[^/\s@]+@")
 RUN_ID_FILE = "mlflow_run.json"
 """Written in the run directory as soon as the MLflow run exists: a restart continues that run even when no
 checkpoint recorded its id (the tracking server was down when the last checkpoint was written)."""
+
+
+def open_client(tracking_uri: str) -> MlflowClient:
+    """An :class:`mlflow.MlflowClient` whose store is ready.
+
+    A new SQLite store creates its tables on first open, and two jobs opening one file at once race in MLflow's
+    migrations (``table _alembic_tmp_... already exists``, which leaves the file half-migrated). The first open of
+    an SQLite store therefore holds an exclusive lock on ``<db>.lock`` beside it.
+    """
+    from mlflow import MlflowClient
+
+    if not tracking_uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=tracking_uri)
+    import fcntl
+
+    db = Path(tracking_uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            client = MlflowClient(tracking_uri=tracking_uri)
+            client.search_experiments(max_results=1)  # builds the store: creates or checks the schema
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return client
 
 
 def redact(text: str) -> str:
@@ -425,9 +451,7 @@ class Tracker:
 
     def _get_client(self) -> MlflowClient:
         if self._client is None:
-            from mlflow import MlflowClient
-
-            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+            self._client = open_client(self.tracking_uri)
         return self._client
 
     def _drain(self) -> None:

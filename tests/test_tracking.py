@@ -25,6 +25,7 @@ from hypertrain.tracking import (
     Tracker,
     default_tags,
     model_flops_utilization,
+    open_client,
 )
 
 mlflow = pytest.importorskip("mlflow")
@@ -204,6 +205,29 @@ def test_resume_of_unknown_run_starts_a_new_one(run_dir: Path) -> None:
     assert new_id is not None and new_id != "0123456789abcdef0123456789abcdef"
     run = MlflowClient(tracker.tracking_uri).get_run(new_id)
     assert run.data.tags["hypertrain.resumed_from_missing_run"] == "0123456789abcdef0123456789abcdef"
+
+
+def _open_and_log(uri: str) -> str:
+    client = open_client(uri)
+    try:
+        experiment_id = client.create_experiment("race")
+    except mlflow.exceptions.MlflowException:  # another process made it first
+        experiment_id = client.get_experiment_by_name("race").experiment_id
+    run = client.create_run(experiment_id)
+    client.log_metric(run.info.run_id, "loss", 1.0, step=0)
+    return run.info.run_id
+
+
+def test_jobs_opening_a_new_sqlite_store_at_once_all_get_it(tmp_path: Path) -> None:
+    """Without the lock, MLflow's table creation races (3 of 3 tries failed with 4 processes)."""
+    import multiprocessing
+
+    uri = f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}"
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        run_ids = pool.map(_open_and_log, [uri] * 4)
+    assert len(set(run_ids)) == 4
+    runs = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("race").experiment_id])
+    assert sorted(r.info.run_id for r in runs) == sorted(run_ids)
 
 
 def test_tracking_uri_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
