@@ -189,8 +189,17 @@ class HartConfig:
 
     generator: Literal["autoregressive", "parallel"] | None = None
     """``autoregressive`` (HART) or ``parallel`` (HyperTuning); ``None``: follows ``method``."""
+    peft: Literal["prefix", "lora"] = "prefix"
+    """What the heads write: key/value ``prefix``es (the papers) or ``lora`` pairs for self-attention projections
+    (HyperTuning's other PEFT type; exports as a Hugging Face PEFT adapter). ``docs/models.md``."""
     prefix_length: int = 32
     """p: prefix key/value vectors per head and layer."""
+    lora_rank: int = 8
+    """r of each generated LoRA pair (``peft: lora``)."""
+    lora_alpha: float = 16.0
+    """LoRA's scaling numerator: the update is ``(lora_alpha / lora_rank) · B A`` (``peft: lora``)."""
+    lora_targets: list[str] = dataclasses.field(default_factory=lambda: ["q", "v"])
+    """Self-attention projections, encoder and decoder, that get a generated pair: any of q, k, v, o."""
     hyper_decoder_layers: int = 8
     """Hypernetwork decoder depth: the first layers of the checkpoint's decoder."""
     alpha: float | None = None
@@ -213,7 +222,10 @@ class HartConfig:
     ``data.pad_to_max: true`` so shapes stay fixed and nothing recompiles."""
 
     def __post_init__(self) -> None:
-        _at_least(self, "hart", ("prefix_length", "hyper_decoder_layers"), 1)
+        _at_least(self, "hart", ("prefix_length", "hyper_decoder_layers", "lora_rank"), 1)
+        bad = sorted(set(self.lora_targets) - {"q", "k", "v", "o"})
+        if bad or not self.lora_targets or len(set(self.lora_targets)) != len(self.lora_targets):
+            raise ConfigError(f"hart.lora_targets: distinct names among q, k, v, o, got {self.lora_targets}")
         if self.alpha is not None and self.alpha < 0:
             raise ConfigError(f"hart.alpha: must be >= 0, got {self.alpha}")
 

@@ -382,7 +382,9 @@ def lora_widths(cfg: Config) -> tuple[int, int]:
 
 def _hart(cfg: Config, dims: T5Dims, lengths: Lengths, generator: str) -> dict[str, Flops]:
     hart = cfg.hart
-    p, d, layers = hart.prefix_length, dims.d_model, max(dims.encoder_layers, dims.decoder_layers)
+    lora = hart.peft == "lora"
+    p = hart.lora_rank if lora else hart.prefix_length  # rows each head writes per layer
+    d, layers = dims.d_model, max(dims.encoder_layers, dims.decoder_layers)
     parts: dict[str, Flops] = {}
     parts["hypernetwork encoder"], _ = encoder_stack(
         dims, lengths.hyper, layers=dims.encoder_layers, input_grad=True, trainable=True
@@ -408,9 +410,18 @@ def _hart(cfg: Config, dims: T5Dims, lengths: Lengths, generator: str) -> dict[s
         head = lambda n: matmul(  # noqa: E731
             p * (1 if hart.share_head_layernorm else n), d, d, grad_a=True, grad_b=True
         ) + matmul(n * p, d, dims.inner, grad_a=True, grad_b=True)
-    parts["prefix heads"] = head(dims.encoder_layers) * 2 + head(dims.decoder_layers) * 2
     fusion = lengths.hyper if hart.fusion else 0
-    parts.update(_main_model(dims, lengths, prefix=p, fusion=fusion, fusion_grad=hart.fusion))
+    if not lora:
+        parts["prefix heads"] = head(dims.encoder_layers) * 2 + head(dims.decoder_layers) * 2
+        parts.update(_main_model(dims, lengths, prefix=p, fusion=fusion, fusion_grad=hart.fusion))
+        return parts
+    # generated LoRA: an A and a B head per target and stack; in the main model each target adds x → r → d on the
+    # self-attention of every layer, the FLOPs of a bottleneck adapter of width r per target
+    groups = 2 * len(hart.lora_targets)
+    parts["LoRA heads"] = head(dims.encoder_layers) * groups + head(dims.decoder_layers) * groups
+    width = p * len(hart.lora_targets)
+    parts.update(_main_model(dims, lengths, prefix=0, fusion=fusion, fusion_grad=hart.fusion, encoder_adapter=width,
+                             decoder_adapter=width))
     return parts
 
 

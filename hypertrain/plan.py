@@ -332,7 +332,9 @@ def activation_stacks(
 
         generator = hart_options(cfg)["generator"]
         hart = cfg.hart
-        p = hart.prefix_length
+        lora = hart.peft == "lora"
+        p = hart.lora_rank if lora else hart.prefix_length  # rows each head writes per layer
+        groups = _groups(dims) * (len(hart.lora_targets) if lora else 1)  # LoRA: an A and a B head per target
         h_rows = batch * lengths.hyper
         # hypernetwork encoder (trainable, embeddings too: the embedding output needs a gradient)
         layers, grad = [], True
@@ -370,8 +372,8 @@ def activation_stacks(
                     dec += _stack_end(settings, batch * 2, d, grad=True, trainable=True)
             # per group of n layers: LayerNorm output, its scaled copy (the shared Linear's input), the tanh
             # output [n, p, d] and the einsum's copy of it
-            heads = sum(2 * n * d + 2 * n * p * d for n in _groups(dims)) + L * 2 * d  # + the states
-            stats = sum(_groups(dims))  # LayerNorm mean/rstd rows
+            heads = sum(2 * n * d + 2 * n * p * d for n in groups) + L * 2 * d  # + the states
+            stats = sum(groups)  # LayerNorm mean/rstd rows
         else:
             for _ in range(hart.hyper_decoder_layers):
                 b, _ = decoder_layer_bytes(
@@ -384,15 +386,18 @@ def activation_stacks(
             # the einsum's copy are [n, p, d] each; with a shared one the first two are [p, d]
             heads = sum(
                 (3 * p * d + n * p * d) if hart.share_head_layernorm else (p * d + 3 * n * p * d)
-                for n in _groups(dims)
+                for n in groups
             ) + 2 * p * d  # + the states
             stats = 4 * p
         out["hypernetwork decoder"] = StackActivations([dec], checkpointable=False)
         heads = heads * batch * s + stats * batch * 8
-        out["prefix heads"] = StackActivations([heads], checkpointable=False)
+        out["LoRA heads" if lora else "prefix heads"] = StackActivations([heads], checkpointable=False)
+        # generated LoRA: each target's x → r → d per layer, kept like a bottleneck adapter of width r per target
+        width = p * len(hart.lora_targets) if lora else 0
         out.update(
             _main_stacks(
-                settings, dims, batch, lengths, prefix=p, fusion=lengths.hyper if hart.fusion else 0,
+                settings, dims, batch, lengths, prefix=0 if lora else p, fusion=lengths.hyper if hart.fusion else 0,
+                encoder_adapter=width, decoder_adapter=width,
             )
         )
     elif cfg.method == "pha":

@@ -63,7 +63,11 @@ def hart_options(config: Config) -> dict[str, Any]:
     alpha = hart.alpha if hart.alpha is not None else (1.0 if generator == "autoregressive" else 0.0)
     return dict(
         generator=generator,
+        peft=hart.peft,
         prefix_length=hart.prefix_length,
+        lora_rank=hart.lora_rank,
+        lora_alpha=hart.lora_alpha,
+        lora_targets=tuple(hart.lora_targets),
         hyper_decoder_layers=hart.hyper_decoder_layers,
         alpha=alpha,
         consistency=hart.consistency,

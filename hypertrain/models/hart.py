@@ -11,6 +11,9 @@ Both share everything but the generator (``docs/models.md`` has the shapes and t
   prefixes, rows [p:] the decoder prefixes, for every layer;
 - four heads (encoder key / value, decoder key / value): per-layer LayerNorm → Linear shared by the group's
   layers → tanh → per-layer Linear → heads;
+- or, with ``peft="lora"``, one head per stack, projection and factor (``encoder_q_a``, ``encoder_q_b``, ...) of
+  the same form, writing r rows per layer: the rows of A [r, d_in] and of Bᵀ [r, d_out] (B's heads start at zero,
+  so a new hypernetwork leaves the main model as it is, as LoRA's B = 0 does);
 - fusion-in-decoder: the main decoder also attends to the hypernetwork encoder's output.
 """
 
@@ -30,9 +33,10 @@ from transformers.models.t5.modeling_t5 import T5Stack
 
 from hypertrain.models.base import Batch, MethodOutput
 from hypertrain.models.hart_decode import decode_step, fused_autoregressive_states
-from hypertrain.models.t5_main import FrozenT5, PeftParams, base_attn_implementation
+from hypertrain.models.t5_main import LORA_TARGETS, FrozenT5, LoraPair, PeftParams, base_attn_implementation
 
 Generator = Literal["autoregressive", "parallel"]
+PeftType = Literal["prefix", "lora"]
 ConsistencyMode = Literal["batch_mean", "per_example", "per_task"]
 DecodePath = Literal["fused", "hf"]
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -55,9 +59,11 @@ class PrefixHead(nn.Module):
     """
 
     def __init__(
-        self, layers: int, d_in: int, heads: int, d_kv: int, expand: int, share_layernorm: bool = False
+        self, layers: int, d_in: int, heads: int, d_kv: int, expand: int, share_layernorm: bool = False,
+        zero: bool = False,
     ) -> None:
         super().__init__()
+        self.zero = zero
         self.layers, self.heads, self.d_kv, self.expand = layers, heads, d_kv, expand
         norms = 1 if share_layernorm else layers
         self.norm_weight = nn.Parameter(torch.ones(norms, d_in))
@@ -68,23 +74,36 @@ class PrefixHead(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """``nn.Linear``'s default init for the per-layer projections."""
+        """``nn.Linear``'s default init for the per-layer projections (zeros for a LoRA B head)."""
+        if self.zero:
+            nn.init.zeros_(self.weight)
+            nn.init.zeros_(self.bias)
+            return
         bound = 1.0 / math.sqrt(self.weight.shape[1])
         nn.init.uniform_(self.weight, -bound, bound)
         nn.init.uniform_(self.bias, -bound, bound)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """[B, L or 1, n, d_in] → prefixes [B, L, heads, n·expand, d_kv]."""
+    def rows(self, x: Tensor) -> Tensor:
+        """[B, L or 1, n, d_in] → [B, L, n·expand, heads·d_kv]."""
         batch, _, rows, d_in = x.shape
         x = F.layer_norm(x, (d_in,)) * self.norm_weight[:, None] + self.norm_bias[:, None]
         x = torch.tanh(self.shared(x)).reshape(batch, -1, rows * self.expand, d_in)
         x = x.expand(batch, self.layers, -1, -1)
-        out = torch.einsum("blpd,ldo->blpo", x, self.weight) + self.bias[:, None]
-        return out.reshape(batch, self.layers, -1, self.heads, self.d_kv).transpose(2, 3)
+        return torch.einsum("blpd,ldo->blpo", x, self.weight) + self.bias[:, None]
+
+    def forward(self, x: Tensor) -> Tensor:
+        """[B, L or 1, n, d_in] → prefixes [B, L, heads, n·expand, d_kv]."""
+        out = self.rows(x)
+        return out.reshape(*out.shape[:3], self.heads, self.d_kv).transpose(2, 3)
 
 
 def _split_layers(prefix_key: Tensor, prefix_value: Tensor) -> list[tuple[Tensor, Tensor]]:
     return list(zip(prefix_key.unbind(1), prefix_value.unbind(1), strict=True))
+
+
+def lora_head_names(targets: tuple[str, ...]) -> list[str]:
+    """The heads of a generated LoRA: ``<stack>_<projection>_a`` and ``..._b`` for each target."""
+    return [f"{stack}_{t}_{factor}" for stack in ("encoder", "decoder") for t in targets for factor in ("a", "b")]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -247,7 +266,11 @@ class HartMethod(nn.Module):
         hyper_source: T5ForConditionalGeneration | None = None,
         *,
         generator: Generator = "autoregressive",
+        peft: PeftType = "prefix",
         prefix_length: int = 32,
+        lora_rank: int = 8,
+        lora_alpha: float = 16.0,
+        lora_targets: tuple[str, ...] = ("q", "v"),
         hyper_decoder_layers: int = 8,
         alpha: float = 1.0,
         consistency: ConsistencyMode = "batch_mean",
@@ -260,11 +283,21 @@ class HartMethod(nn.Module):
         super().__init__()
         if generator not in ("autoregressive", "parallel"):
             raise ValueError(f"unknown generator {generator!r}")
+        if peft not in ("prefix", "lora"):
+            raise ValueError(f"unknown generated PEFT type {peft!r} (prefix or lora)")
+        unknown = sorted(set(lora_targets) - set(LORA_TARGETS))
+        if peft == "lora" and (unknown or not lora_targets):
+            raise ValueError(f"LoRA targets must be among {LORA_TARGETS}, got {list(lora_targets)}")
         self._compiled_steps: dict[str, Callable[..., Any]] = {}  # compile mode → compiled decode step
         self.set_decode(decode, compile_decode)
         self.main = main
         self.generator = generator
+        self.peft_type = peft
         self.prefix_length = prefix_length
+        self.lora_rank, self.lora_targets = lora_rank, tuple(lora_targets)
+        self.lora_scaling = lora_alpha / lora_rank
+        rows_per_layer = prefix_length if peft == "prefix" else lora_rank
+        self.rows_per_layer = rows_per_layer
         self.alpha = alpha
         self.fusion = fusion
         source = hyper_source if hyper_source is not None else main.t5
@@ -272,25 +305,28 @@ class HartMethod(nn.Module):
         self.hyper_decoder = copy_stack(source.decoder, hyper_decoder_layers, embeddings=False)
         d_hyper = source.config.d_model
 
-        rows = 2 if generator == "autoregressive" else 2 * prefix_length
+        rows = 2 if generator == "autoregressive" else 2 * rows_per_layer
         self.latent = LearnableInput(self._init_latent(self.hyper_encoder.embed_tokens.weight, rows, seed))
-        expand = prefix_length if generator == "autoregressive" else 1
+        expand = rows_per_layer if generator == "autoregressive" else 1
         layers = {"encoder": main.num_encoder_layers, "decoder": main.num_decoder_layers}
         self.fusion_projection: nn.Module = nn.Identity()
         with torch.device(self.latent.weight.device):  # meta stays meta: no memory for T5-XL's heads
-            self.heads = nn.ModuleDict(
-                {
-                    group: PrefixHead(
-                        layers[group.split("_")[0]],
-                        d_hyper,
-                        main.num_heads,
-                        main.d_kv,
-                        expand,
-                        share_head_layernorm,
-                    )
+            if peft == "prefix":
+                heads = {
+                    group: PrefixHead(layers[group.split("_")[0]], d_hyper, main.num_heads, main.d_kv, expand,
+                                      share_head_layernorm)
                     for group in GROUPS
                 }
-            )
+            else:
+                inner = main.num_heads * main.d_kv
+                sizes = {t: (main.d_model, inner) if t != "o" else (inner, main.d_model) for t in LORA_TARGETS}
+                heads = {
+                    name: PrefixHead(layers[name.split("_")[0]], d_hyper, 1,
+                                     sizes[name.split("_")[1]][0 if name.endswith("_a") else 1], expand,
+                                     share_head_layernorm, zero=name.endswith("_b"))
+                    for name in lora_head_names(self.lora_targets)
+                }
+            self.heads = nn.ModuleDict(heads)
             if fusion and d_hyper != main.d_model:
                 self.fusion_projection = nn.Linear(d_hyper, main.d_model)
         self.heads.to(dtype=self.latent.weight.dtype)
@@ -381,18 +417,30 @@ class HartMethod(nn.Module):
             states = self.autoregressive_states(demos, hyper_attention_mask)  # [B, L, 2, d]
             enc_in, dec_in = states[:, :n_enc, 0:1], states[:, :n_dec, 1:2]
         else:
-            states = self.parallel_states(demos, hyper_attention_mask)  # [B, 2p, d]
-            p = self.prefix_length
+            states = self.parallel_states(demos, hyper_attention_mask)  # [B, 2p, d] (2r for LoRA)
+            p = self.rows_per_layer
             enc_in, dec_in = states[:, None, :p], states[:, None, p:]
         h = self.heads
-        peft = PeftParams(
-            encoder_prefix=_split_layers(h["encoder_key"](enc_in), h["encoder_value"](enc_in)),
-            decoder_prefix=_split_layers(h["decoder_key"](dec_in), h["decoder_value"](dec_in)),
-        )
+        if self.peft_type == "prefix":
+            peft = PeftParams(
+                encoder_prefix=_split_layers(h["encoder_key"](enc_in), h["encoder_value"](enc_in)),
+                decoder_prefix=_split_layers(h["decoder_key"](dec_in), h["decoder_value"](dec_in)),
+            )
+        else:
+            peft = PeftParams(encoder_lora=self._lora_pairs("encoder", enc_in),
+                              decoder_lora=self._lora_pairs("decoder", dec_in), lora_scaling=self.lora_scaling)
         if self.fusion:
             peft.fusion_states = self.fusion_projection(demos)
             peft.fusion_mask = hyper_attention_mask
         return peft, states
+
+    def _lora_pairs(self, stack: str, x: Tensor) -> list[dict[str, LoraPair]]:
+        """Per layer of ``stack``: projection → (A [B, r, d_in], B [B, d_out, r]) from the heads' rows."""
+        factors = {t: (self.heads[f"{stack}_{t}_a"].rows(x), self.heads[f"{stack}_{t}_b"].rows(x))
+                   for t in self.lora_targets}  # each [B, L, r, width]
+        layers = next(iter(factors.values()))[0].shape[1]
+        return [{t: (a[:, layer], b[:, layer].transpose(-1, -2)) for t, (a, b) in factors.items()}
+                for layer in range(layers)]
 
     def generate_peft(
         self, hyper_input_ids: Tensor, hyper_attention_mask: Tensor | None = None
@@ -436,8 +484,8 @@ class HartMethod(nn.Module):
             "hypernetwork embeddings": embed,
             "learnable input": [self.latent.weight],
         }
-        for group in GROUPS:
-            parts[f"heads: {group.replace('_', ' ')}"] = list(self.heads[group].parameters())
+        for group, head in self.heads.items():
+            parts[f"heads: {group.replace('_', ' ')}"] = list(head.parameters())
         parts["fusion projection"] = list(self.fusion_projection.parameters())
         parts["main model"] = list(self.main.parameters())
         return parts

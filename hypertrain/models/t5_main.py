@@ -13,6 +13,9 @@ How the PEFT parameters get in (see ``docs/models.md``):
   :class:`PeftT5Block` / :class:`AdapterT5LayerFF` (subclasses, same parameter objects, same state-dict keys).
   The block hands its layer's adapter to its FFN for the duration of its own ``forward`` (also during a
   gradient-checkpointing recompute, which re-runs that forward with the same arguments).
+- **Generated LoRA** needs the projections' inputs: the self-attention projections become :class:`LoraLinear`
+  (a subclass, same parameters); the block hands each its layer's low-rank pair for the duration of its
+  ``forward``, as with adapters, and the projection adds ``scaling · (x Aᵀ) Bᵀ`` per example.
 - **Fusion-in-decoder** is done here, above the HF model: the decoder's cross-attention reads
   ``[fusion_states ; encoder states]`` with the masks concatenated.
 
@@ -35,7 +38,9 @@ from transformers.masking_utils import eager_mask, sdpa_mask
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 from transformers.models.t5 import modeling_t5
 
-__all__ = ["PEFT_KWARG", "AdapterT5LayerFF", "FrozenT5", "PeftParams", "PeftT5Block", "install"]
+__all__ = [
+    "LORA_TARGETS", "PEFT_KWARG", "AdapterT5LayerFF", "FrozenT5", "LoraLinear", "PeftParams", "PeftT5Block", "install",
+]
 
 PEFT_KWARG = "hypertrain_peft"
 """Name of the keyword argument that carries :class:`PeftParams` through the HF model."""
@@ -43,6 +48,10 @@ PEFT_KWARG = "hypertrain_peft"
 Stack = Literal["encoder", "decoder"]
 Prefix = tuple[Tensor, Tensor]
 Adapter = Callable[[Tensor], Tensor]
+LoraPair = tuple[Tensor, Tensor]
+"""(A [B, r, d_in], B [B, d_out, r]) of one projection: ``y = W x + scaling · B (A x)`` per example."""
+LORA_TARGETS = ("q", "k", "v", "o")
+"""Self-attention projections a generated LoRA can reach (T5's names)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -71,6 +80,12 @@ class PeftParams:
     """Per encoder layer: a callable added to the FFN sublayer's output."""
     decoder_adapters: Sequence[Adapter | None] | None = None
     """Per decoder layer: same."""
+    encoder_lora: Sequence[dict[str, LoraPair] | None] | None = None
+    """Per encoder layer: self-attention projection name (``q``, ``k``, ``v``, ``o``) → its low-rank pair."""
+    decoder_lora: Sequence[dict[str, LoraPair] | None] | None = None
+    """Per decoder layer: same."""
+    lora_scaling: float = 1.0
+    """LoRA's ``alpha / r``."""
 
     def prefix(self, stack: Stack, layer: int) -> Prefix | None:
         """The (key, value) prefix of one self-attention layer, or None (also for p = 0)."""
@@ -86,6 +101,10 @@ class PeftParams:
         adapters = self.encoder_adapters if stack == "encoder" else self.decoder_adapters
         return None if adapters is None else adapters[layer]
 
+    def lora(self, stack: Stack, layer: int) -> dict[str, LoraPair] | None:
+        pairs = self.encoder_lora if stack == "encoder" else self.decoder_lora
+        return None if pairs is None else pairs[layer]
+
     @property
     def prefix_length(self) -> int:
         for prefixes in (self.encoder_prefix, self.decoder_prefix):
@@ -96,14 +115,15 @@ class PeftParams:
 
     def decoder_only(self) -> PeftParams:
         """The parts the decoder reads once the encoder has run (prefixes and adapters of the decoder)."""
-        return PeftParams(decoder_prefix=self.decoder_prefix, decoder_adapters=self.decoder_adapters)
+        return PeftParams(decoder_prefix=self.decoder_prefix, decoder_adapters=self.decoder_adapters,
+                          decoder_lora=self.decoder_lora, lora_scaling=self.lora_scaling)
 
     def prefix_leaves(self) -> PeftParams:
         """Prefixes and fusion states as new leaf tensors that need a gradient: the main model's part of a
         training step, cut off from the hypernetwork (benchmarks time it alone). Adapters are callables and
         cannot be cut off this way."""
-        if self.encoder_adapters is not None or self.decoder_adapters is not None:
-            raise ValueError("prefix_leaves: these parameters hold adapters")
+        if any(x is not None for x in (self.encoder_adapters, self.decoder_adapters, self.encoder_lora, self.decoder_lora)):
+            raise ValueError("prefix_leaves: these parameters hold adapters or LoRA pairs")
 
         def leaf(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.detach().clone().requires_grad_(True)
@@ -142,6 +162,11 @@ class PeftParams:
                 return None
             return [None if f is None else _FoldedAdapter(f, repeats) for f in adapters]
 
+        def rep_lora(pairs: Sequence[dict[str, LoraPair] | None] | None) -> list[dict[str, LoraPair] | None] | None:
+            if pairs is None:
+                return None
+            return [None if d is None else {k: (rep(a), rep(b)) for k, (a, b) in d.items()} for d in pairs]  # type: ignore[misc]
+
         return PeftParams(
             encoder_prefix=rep_prefixes(self.encoder_prefix),
             decoder_prefix=rep_prefixes(self.decoder_prefix),
@@ -149,6 +174,9 @@ class PeftParams:
             fusion_mask=rep(self.fusion_mask),
             encoder_adapters=rep_adapters(self.encoder_adapters),
             decoder_adapters=rep_adapters(self.decoder_adapters),
+            encoder_lora=rep_lora(self.encoder_lora),
+            decoder_lora=rep_lora(self.decoder_lora),
+            lora_scaling=self.lora_scaling,
         )
 
 
@@ -279,20 +307,48 @@ class AdapterT5LayerFF(modeling_t5.T5LayerFF):
         return hidden_states + self.dropout(delta)
 
 
+class LoraLinear(nn.Linear):
+    """A frozen projection that adds a per-example low-rank update while one is set: ``W x + s · (x Aᵀ) Bᵀ``."""
+
+    _lora: tuple[Tensor, Tensor, float] | None = None
+
+    def set_lora(self, pair: LoraPair | None, scaling: float = 1.0) -> None:
+        object.__setattr__(self, "_lora", None if pair is None else (pair[0], pair[1], scaling))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = super().forward(x)
+        if self._lora is None:
+            return out
+        a, b, scaling = self._lora
+        a = _batched(a, x.shape[0], "LoRA A").to(x.dtype)
+        b = _batched(b, x.shape[0], "LoRA B").to(x.dtype)
+        if a.shape[-1] != x.shape[-1] or b.shape[-2] != out.shape[-1]:
+            raise ValueError(f"LoRA pair {tuple(a.shape)}, {tuple(b.shape)} does not fit a {tuple(self.weight.shape)} "
+                             "projection")
+        return out + scaling * torch.matmul(torch.matmul(x, a.transpose(-1, -2)), b.transpose(-1, -2))
+
+
 class PeftT5Block(modeling_t5.T5Block):
-    """T5 block that hands its layer's adapter (from ``hypertrain_peft``) to its FFN sublayer while it runs."""
+    """T5 block that hands its layer's adapter (from ``hypertrain_peft``) to its FFN sublayer, and its LoRA pairs to
+    its self-attention projections, while it runs."""
 
     _hypertrain_site: tuple[Stack, int]
 
     def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any):
         peft: PeftParams | None = kwargs.get(PEFT_KWARG)
         adapter = peft.adapter(*self._hypertrain_site) if peft is not None else None
+        pairs = (peft.lora(*self._hypertrain_site) if peft is not None else None) or {}
         ff: AdapterT5LayerFF = self.layer[-1]  # type: ignore[assignment]
+        attention = self.layer[0].SelfAttention
         ff.set_adapter(adapter)
+        for name, pair in pairs.items():
+            getattr(attention, name).set_lora(pair, peft.lora_scaling)  # type: ignore[union-attr]
         try:
             return super().forward(hidden_states, *args, **kwargs)
         finally:
             ff.set_adapter(None)
+            for name in pairs:
+                getattr(attention, name).set_lora(None)
 
 
 class PeftT5ForConditionalGeneration(T5ForConditionalGeneration):
@@ -350,7 +406,12 @@ def install(
             if not isinstance(block.layer[-1], AdapterT5LayerFF):
                 _swap_class(block.layer[-1], AdapterT5LayerFF)
             block._hypertrain_site = (stack_name, i)
-            block.layer[0].SelfAttention._hypertrain_site = (stack_name, i)
+            attention = block.layer[0].SelfAttention
+            attention._hypertrain_site = (stack_name, i)
+            for name in LORA_TARGETS:
+                projection = getattr(attention, name)
+                if not isinstance(projection, LoraLinear):
+                    _swap_class(projection, LoraLinear)
             if stack_name == "decoder":
                 cross = block.layer[1].EncDecAttention
                 cross._hypertrain_cross = not cross.has_relative_attention_bias
