@@ -176,6 +176,19 @@ def _positive_examples(task: dict[str, Any], path: Path, count: int) -> list[dic
     return examples[:count]
 
 
+def read_task_file(path: Path) -> tuple[str, list[dict[str, str]], dict[str, Any]]:
+    """A user's S-NI-layout task file: its definition, all its positive examples and the whole record.
+
+    Raises ``ValueError`` naming the file and the field (``Definition``, ``Positive Examples``[i].input, ...)."""
+    try:
+        task = _load_task(path)
+        definition = _text_field(task, "Definition", path)
+        examples = _positive_examples(task, path, len(task.get("Positive Examples") or []))
+    except _Skip as err:
+        raise ValueError(str(err)) from None
+    return definition, examples, task
+
+
 def _is_english_only(task: dict[str, Any]) -> bool:
     return all(task.get(field) == ["English"] for field in LANGUAGE_FIELDS)
 

@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "params": ("hypertrain.params", "trainable and frozen parameter counts of a config (no download, no memory)"),
     "plan": ("hypertrain.plan", "memory per GPU, largest micro batch, accumulation and run time of a config"),
     "export": ("hypertrain.export", "write a checkpoint's trained parameters (or, --hf, a fine-tuned T5)"),
+    "generate": ("hypertrain.generate", "write the adapter a trained hypernetwork generates for your own task"),
+    "predict": ("hypertrain.predict", "answer inputs with the frozen main model and a generated adapter"),
     "eval": ("hypertrain.evaluation.cli", "evaluate a checkpoint: S-NI ROUGE-L / exact match, P3 accuracy"),
     "demo": ("hypertrain.demo", "the whole pipeline on CPU in minutes: tasks, prep, training, evaluation, comparison"),
     "compare": ("hypertrain.compare", "compare runs from MLflow: a table and PNG plots (or a paper's table layout)"),
