@@ -32,6 +32,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -50,7 +51,7 @@ EXPERIMENT = "demo"
 MAIN_STAGE_VERSION = 1
 """Part of the main-model cache key: bump it when the stage's recipe changes."""
 FLOOR_RUN, FEW_SHOT_RUN = "floor (no PEFT)", "ft_few_shot"
-STAGES = 5
+STAGES = 6
 TABLE_METRICS = ("eval/sni_test/rougeL", "eval/sni_test/exact_match", "eval/sni_seen_tasks/rougeL",
                  "eval/sni_test/category/*/rougeL")
 """The printed table's eval columns (MLflow has every metric: ``hypertrain compare --metric`` shows others)."""
@@ -362,6 +363,45 @@ def main_model(opts: DemoOptions, train: Path, evals: list[Path], out: Path, tra
     return str(final), f"trained in {seconds:.0f} s (FT-Zero-Shot, {opts.main_steps} steps), cached in {final}"
 
 
+def adapter_stage(opts: DemoOptions, out: Path, evals: list[Path], tracking_uri: str) -> None:
+    """The loop a user runs on their own task: the first trained hypernetwork writes the adapter of a held-out task
+    from its task file (``hypertrain generate``), which then answers two of the task's inputs (``predict``)."""
+    method = next((m for m in opts.methods if m in ("hart", "hypertuning", "pha")), None)
+    if method is None:
+        _print(f"[6/{STAGES}] adapters: none of --methods has a hypernetwork (hart, hypertuning, pha); skipped")
+        return
+    task = sorted(json.loads((evals[0] / "manifest.json").read_text(encoding="utf-8"))["tasks"])[0]
+    task_file = out / "tasks" / "tasks" / f"{task}.json"
+    adapter_dir = out / "adapters" / task
+    instances = json.loads(task_file.read_text(encoding="utf-8"))["Instances"][:2]
+    inputs = out / "adapters" / f"{task}.inputs.jsonl"
+    inputs.parent.mkdir(parents=True, exist_ok=True)
+    inputs.write_text("".join(json.dumps({"input": i["input"], "output": i["output"][0]}) + "\n" for i in instances),
+                      encoding="utf-8")
+    env = _child_env(opts, tracking_uri)
+    steps = [
+        ["generate", "--checkpoint", str(out / "runs" / method), "--task", str(task_file), "--out", str(adapter_dir),
+         "--device", opts.device],
+        ["predict", "--adapter", str(adapter_dir), "--inputs", str(inputs), "--device", opts.device],
+    ]
+    _print(f"[6/{STAGES}] your own task: the {method} hypernetwork writes an adapter for the held-out task {task} "
+           "from its task file, then answers two of its inputs")
+    answers = []
+    for args in steps:
+        result = subprocess.run([sys.executable, "-m", "hypertrain.cli", *args], cwd=REPO, env=env, capture_output=True,
+                                text=True, timeout=600)
+        if result.returncode != 0:
+            raise DemoError(f"hypertrain {args[0]} failed ({result.returncode}): {result.stderr.strip()[-2000:]}")
+        _print(f"      $ hypertrain {shlex.join(args)}")
+        answers = result.stdout.splitlines()
+        if args[0] == "generate":
+            _print(f"      {answers[0]}")
+    for line in answers:
+        row = json.loads(line)
+        _print(f"      {row['input']!r} -> {row['prediction']!r} (reference {row['output']!r})")
+    _print(f"      adapter: {adapter_dir} (README.md says what it holds)")
+
+
 def method_jobs(opts: DemoOptions, model: str) -> list[Job]:
     assert opts.lr is not None  # DemoOptions sets it
     return [Job(method, method, model, opts.steps, opts.lr, opts.batch_size) for method in opts.methods]
@@ -404,6 +444,7 @@ def run_demo(opts: DemoOptions) -> int:
     _print(f"table:     {files['table']}")
     _print(f"MLflow UI: mlflow ui --backend-store-uri {tracking_uri}   (then open http://127.0.0.1:5000)")
     _print(f"compare again: hypertrain compare --tracking-uri {out / 'mlflow.db'} --experiment {EXPERIMENT} --out DIR")
+    adapter_stage(opts, out, evals, tracking_uri)
     _print(f"demo finished in {time.monotonic() - started:.0f} s")
     return 0
 

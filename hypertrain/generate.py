@@ -244,6 +244,7 @@ def generate(checkpoint: str | Path, task: UserTask, out: str | Path, *, device:
     started = time.perf_counter()
     method, cfg, _tasks = load_trained_method(source, device, verify="none")  # resolve_checkpoint verified it
     tokens = _tokens(cfg, load_tokenizer(cfg.model.tokenizer or cfg.model.name), torch.device(device))
+    loaded = time.perf_counter()
     config: dict[str, Any] = {"format": adapter.FORMAT, "version": adapter.VERSION, "task": task.name}
     if cfg.method == "pha":
         peft, config["retrieval"] = pha_peft(method, tokens, task, top_k, tune_steps, tune_lr)
@@ -269,7 +270,7 @@ def generate(checkpoint: str | Path, task: UserTask, out: str | Path, *, device:
         run={"model": dataclasses.asdict(cfg.model), "data": dataclasses.asdict(cfg.data),
              "eval": dataclasses.asdict(cfg.eval), "train": {"seed": cfg.train.seed}},
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        seconds=round(time.perf_counter() - started, 3),
+        seconds={"load": round(loaded - started, 3), "generate": round(time.perf_counter() - loaded, 3)},
     )
     config["run"]["data"]["train"] = []  # where the run's data lived says nothing about this adapter
     config["run"]["eval"]["data"] = []
@@ -366,6 +367,8 @@ def _run(args: argparse.Namespace) -> int:
     what = config["hypernetwork_input"]
     read = (f"{what['format']}, {what['tokens']} tokens" if "text" in what
             else f"retrieved {', '.join(config['retrieval']['prototypes'])}")
-    print(f"wrote {out} ({config['method']}, {config['peft']}; {read}; {config['seconds']:.2f} s)")
+    seconds = config["seconds"]
+    print(f"wrote {out} ({config['method']}, {config['peft']}; {read}; loaded in {seconds['load']:.2f} s, generated in "
+          f"{seconds['generate']:.3f} s)")
     print(f"  hypertrain predict --adapter {out} --input \"...\"")
     return 0

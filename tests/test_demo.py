@@ -107,6 +107,12 @@ def test_demo_end_to_end_at_its_smallest_size_and_the_cached_main_model(tmp_path
     assert [line.split()[0] for line in table[2:6]] == ["floor", "ft_few_shot", "hart", "pha"]
     assert f"mlflow ui --backend-store-uri sqlite:///{out / 'mlflow.db'}" in stdout
     assert "hart: 100%" in result.stderr and "8/8" in result.stderr  # the progress bars
+    # it ends with the user's loop: an adapter for a held-out task, and answers to two of its inputs
+    assert "[6/6] your own task: the hart hypernetwork" in stdout and "$ hypertrain predict --adapter" in stdout
+    (adapter_dir,) = [p for p in (out / "adapters").iterdir() if p.is_dir()]
+    config = json.loads((adapter_dir / "hypertrain_adapter.json").read_text())
+    assert config["method"] == "hart" and config["hypernetwork_input"]["text"].startswith("Definition: ")
+    assert stdout.count("(reference ") == 2
     for name in ("loss.png", "eval.png", "throughput.png"):
         assert (out / "compare" / name).read_bytes()[:8] == PNG_MAGIC
     rows = list(csv.reader((out / "compare" / "comparison.csv").open()))
