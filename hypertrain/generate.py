@@ -106,7 +106,7 @@ def read_task(task_file: str | None, definition: str | None, examples_file: str 
 
 def run_input_format(cfg: Config, kind: str | None = None, shots: int | None = None) -> InputFormat:
     """The hypernetwork input format of a run: from its training manifests, or as given."""
-    from data_prep.shards import read_manifest
+    from data_prep.shards import ShardError, read_manifest
     from hypertrain.demonstrations import drawn_shots
 
     if kind is not None:
@@ -116,7 +116,7 @@ def run_input_format(cfg: Config, kind: str | None = None, shots: int | None = N
     for directory in cfg.data.train:
         try:
             manifest = read_manifest(directory)
-        except (OSError, ValueError):
+        except (OSError, ValueError, ShardError):  # not on this machine (or not readable): try the next one
             continue
         options = manifest.get("options", {})
         source = manifest.get("source")

@@ -173,3 +173,21 @@ def test_the_commands_and_their_one_line_errors(tiny_data, tmp_path, sni_sample,
         errors = [line for line in stderr.splitlines() if line.startswith(f"{args[0]}: ")]
         assert code == 2 and len(errors) == 1 and message in errors[0], (args, stderr)
     assert not (tmp_path / "x").exists()
+
+
+def test_the_runs_manifests_say_how_a_task_is_written(tmp_path, tiny_data):
+    from hypertrain.demonstrations import render
+    from hypertrain.generate import InputFormat, UserTask, hypernetwork_text, run_input_format
+
+    p3 = tmp_path / "p3_train"
+    p3.mkdir()
+    (p3 / "manifest.json").write_text(json.dumps({
+        "format_version": 1, "source": "p3", "options": {"shots": 3},
+        "filters": {"demonstrations": {"drawn_by": "loader", "shots": 3}}}))
+    hart = REPO / "configs" / "hart_tiny.yaml"
+    assert run_input_format(load_config(Config, hart, [f"data.train=[{p3}]"])) == InputFormat("demonstrations", 3)
+    assert run_input_format(load_config(Config, hart, [f"data.train=[{tiny_data}]"])) == InputFormat("def_pos", 2)
+    with pytest.raises(adapter.AdapterError, match="pass --format def_pos"):
+        run_input_format(load_config(Config, hart, [f"data.train=[{tmp_path / 'gone'}]"]))
+    task = UserTask("mine", None, [{"input": f"x{i}", "output": f"y{i}"} for i in range(4)], "mine.jsonl")
+    assert hypernetwork_text(task, InputFormat("demonstrations", 3)) == render([("x0", "y0"), ("x1", "y1"), ("x2", "y2")])
