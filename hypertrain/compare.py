@@ -61,6 +61,7 @@ class RunSummary:
     mfu: float | None
     eval: dict[str, float]
     loss_history: list[tuple[int, float]]
+    experiment_id: str = "0"
 
 
 def resolve_tracking_uri(value: str | None) -> str:
@@ -128,6 +129,7 @@ def summarize_run(client: Any, run: Any, metric_patterns: Sequence[str]) -> RunS
     mfu = _mean_steady([v for _, v in _history(client, run.info.run_id, mfu_keys[0])]) if mfu_keys else None
     eval_names = select_metrics([k for k in metrics if k.startswith("eval/")], metric_patterns)
     return RunSummary(
+        experiment_id=run.info.experiment_id,
         run_id=run.info.run_id,
         name=run.info.run_name or tags.get("mlflow.runName", run.info.run_id[:8]),
         method=tags.get("method") or params.get("method", "?"),
@@ -380,7 +382,20 @@ def compare(
     if not runs:
         raise CompareError(f"no runs left to compare in {redact(uri)} after leaving out {', '.join(exclude)}")
     header, rows = table_rows(runs)
-    return format_table(header, rows), write_outputs(runs, out)
+    files = write_outputs(runs, out)
+    (Path(out) / "links.txt").write_text("\n".join(links_lines(uri, runs)) + "\n", encoding="utf-8")
+    files["links"] = Path(out) / "links.txt"
+    return format_table(header, rows), files
+
+
+def links_lines(tracking_uri: str, runs: Sequence[RunSummary]) -> list[str]:
+    """Where to see these runs in the MLflow UI: the runs table of their experiment(s) and the compare view."""
+    from hypertrain.run_record import compare_link, runs_link_hint
+
+    experiments = sorted({r.experiment_id for r in runs})
+    lines = [runs_link_hint(tracking_uri, e) for e in experiments]
+    lines.append(f"MLflow compare: {compare_link(tracking_uri, experiments, [r.run_id for r in runs])}")
+    return lines
 
 
 def newest_by_name(runs: Sequence[RunSummary]) -> dict[str, RunSummary]:
@@ -456,4 +471,5 @@ def _run(args: argparse.Namespace) -> int:
     print()
     print(f"table: {files['table']} and {files['csv']}")
     print(f"plots: {files['loss']}, {files['eval']}, {files['throughput']}")
+    print(files["links"].read_text(encoding="utf-8").rstrip())
     return 0

@@ -442,7 +442,7 @@ def run_demo(opts: DemoOptions) -> int:
            f"new instances of each of {seen} training tasks. The floor is the main model alone, on the bare query.")
     _print(f"plots:     {files['loss']}\n           {files['eval']}\n           {files['throughput']}")
     _print(f"table:     {files['table']}")
-    _print(f"MLflow UI: mlflow ui --backend-store-uri {tracking_uri}   (then open http://127.0.0.1:5000)")
+    _print(files["links"].read_text(encoding="utf-8").rstrip())
     _print(f"compare again: hypertrain compare --tracking-uri {out / 'mlflow.db'} --experiment {EXPERIMENT} --out DIR")
     adapter_stage(opts, out, evals, tracking_uri)
     _print(f"demo finished in {time.monotonic() - started:.0f} s")

@@ -18,7 +18,9 @@ import logging
 import math
 import os
 import resource
+import shlex
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,14 @@ from hypertrain.data.stream import check_shards, load_source, task_list
 from hypertrain.ds_config import zero_stage
 from hypertrain.evaluation.runner import evaluate_in_training
 from hypertrain.flops import peak_flops
+from hypertrain.run_record import (
+    EXPERIMENT_DESCRIPTION,
+    dataset_inputs,
+    run_description,
+    runs_link_hint,
+    source_tags,
+    used_params,
+)
 from hypertrain.stop import STOP_FILE, clear_stop, stop_requested
 from hypertrain.tracking import window_metrics
 
@@ -237,6 +247,7 @@ class Trainer:
             run_name=run.name or self.run_dir.name,
             run_id=run_id or (read_run_id(self.run_dir) if self.rank == 0 else None),
             backfill=backfill,
+            experiment_description=EXPERIMENT_DESCRIPTION,
         )
 
     def _check_shards(self, sources) -> None:
@@ -351,19 +362,26 @@ class Trainer:
         if self.rank == 0:
             keep_metrics_through(metrics_file, step)  # steps after the checkpoint are computed (and logged) again
         tracker = self._tracker(run_id, step)
-        params = flatten(dataclasses.asdict(cfg))
+        params = flatten(used_params(cfg))  # the common sections and the method's own
         params["model.trainable_parameters"] = self.trainable_parameters
         tags = self._tags(sources)
+        tags.update(source_tags())
+        tags["mlflow.note.content"] = run_description(cfg, [s.directory for s in sources])
         if init is not None:
             tags.update(init.tags())
         if fallback:
             tags["hypertrain.resume_fallback"] = f"step {step}: {fallback}"
         # On resume the tracker adds only missing params and records changed values as an artifact.
         tracker.start(params=params, tags=tags)
+        if self.rank == 0:
+            log.info("%s", runs_link_hint(tracker.tracking_uri, tracker.experiment_id))
         if self.rank == 0 and resume_from is None:
             tracker.log_dict(ds_cfg, "deepspeed_config.json")
+            tracker.log_dict(dataclasses.asdict(cfg), "config.yaml")
+            tracker.log_dict({"argv": sys.argv, "command": shlex.join(sys.argv), "cwd": os.getcwd()}, "command.json")
             for source in sources:
                 tracker.log_artifact(source.directory / "manifest.json", f"manifests/{source.directory.name}")
+            tracker.log_inputs(dataset_inputs([s.directory for s in sources], cfg.eval.data))
 
         collate = EpisodeCollator(
             tokenizer,

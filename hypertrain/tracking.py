@@ -185,6 +185,7 @@ class Tracker:
         tracking_uri: str | None = None,
         run_id: str | None = None,
         backfill: Callable[[int], list[tuple[int, dict[str, float]]]] | None = None,
+        experiment_description: str | None = None,
         max_buffer: int = 100_000,
         flush_interval: float = 0.5,
         start_timeout: float = 30.0,
@@ -199,6 +200,8 @@ class Tracker:
             f"sqlite:///{self.run_dir / 'mlflow.db'}"
         )
         self.run_id: str | None = run_id
+        self.experiment_id: str | None = None
+        self.experiment_description = experiment_description
         self.dropped = 0
         self.max_buffer = max(1, int(max_buffer))
         self.flush_interval = flush_interval
@@ -322,6 +325,13 @@ class Tracker:
             return
         parent = name.parent.as_posix()
         self._push_op(f"artifact {artifact_file}", self._artifact_op(target, None if parent == "." else parent))
+
+    def log_inputs(self, datasets: Sequence[Mapping[str, Any]]) -> None:
+        """Queue datasets as the run's MLflow inputs: dicts with ``name``, ``digest``, ``source``, ``context`` and a
+        ``profile`` dict (:func:`hypertrain.run_record.dataset_input`)."""
+        if not self.enabled or self._closed or not datasets:
+            return
+        self._push_op("inputs", self._inputs_op([dict(d) for d in datasets]))
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         """Queue tags (values cut to MLflow's limit)."""
@@ -506,7 +516,7 @@ class Tracker:
     def _create_run(self, client: MlflowClient) -> None:
         if self._resume_id is not None:
             try:
-                client.get_run(self._resume_id)
+                self.experiment_id = client.get_run(self._resume_id).info.experiment_id
                 client.update_run(self._resume_id, status="RUNNING")
             except Exception as err:
                 if not _is_permanent(err):
@@ -554,7 +564,11 @@ class Tracker:
         exp = client.get_experiment_by_name(self.experiment)
         if exp is None:
             try:
-                return client.create_experiment(self.experiment, artifact_location=self._artifact_location())
+                created = client.create_experiment(self.experiment, artifact_location=self._artifact_location())
+                self.experiment_id = created
+                if self.experiment_description:
+                    client.set_experiment_tag(created, "mlflow.note.content", self.experiment_description)
+                return created
             except Exception as err:
                 if _error_code(err) != "RESOURCE_ALREADY_EXISTS":
                     raise
@@ -563,6 +577,9 @@ class Tracker:
         if exp.lifecycle_stage == "deleted":
             log.warning("tracking: experiment %r was deleted; restoring it", self.experiment)
             client.restore_experiment(exp.experiment_id)
+        self.experiment_id = exp.experiment_id
+        if self.experiment_description and "mlflow.note.content" not in exp.tags:  # never over a user's own note
+            client.set_experiment_tag(exp.experiment_id, "mlflow.note.content", self.experiment_description)
         return exp.experiment_id
 
     def _artifact_location(self) -> str | None:
@@ -621,6 +638,22 @@ class Tracker:
             else:
                 client.log_artifact(run_id, str(local), artifact_path=artifact_path)
             shutil.rmtree(local.parent, ignore_errors=True)
+
+        return op
+
+    def _inputs_op(self, datasets: list[dict[str, Any]]) -> Callable[[MlflowClient, str], None]:
+        def op(client: MlflowClient, run_id: str) -> None:
+            from mlflow.entities import Dataset, DatasetInput, InputTag
+
+            inputs = [
+                DatasetInput(
+                    Dataset(name=d["name"], digest=d["digest"], source_type="local", source=json.dumps({"uri": d["source"]}),
+                            profile=json.dumps(d.get("profile") or {})),
+                    tags=[InputTag(key="mlflow.data.context", value=d["context"])],
+                )
+                for d in datasets
+            ]
+            client.log_inputs(run_id, datasets=inputs)
 
         return op
 

@@ -106,6 +106,7 @@ def test_demo_end_to_end_at_its_smallest_size_and_the_cached_main_model(tmp_path
     assert "sni_test rougeL" in table[0] and "sni_seen_tasks rougeL" in table[0] and "train loss (last window)" in table[0]
     assert [line.split()[0] for line in table[2:6]] == ["floor", "ft_few_shot", "hart", "pha"]
     assert f"mlflow ui --backend-store-uri sqlite:///{out / 'mlflow.db'}" in stdout
+    assert "/runs?workflowType=machine_learning" in stdout and "#/compare-runs?runs=" in stdout  # direct links
     assert "hart: 100%" in result.stderr and "8/8" in result.stderr  # the progress bars
     # it ends with the user's loop: an adapter for a held-out task, and answers to two of its inputs
     assert "[6/6] your own task: the hart hypernetwork" in stdout and "$ hypertrain predict --adapter" in stdout

@@ -348,3 +348,45 @@ def test_default_tags_git_and_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_mfu() -> None:
     assert model_flops_utilization(3e15, 10.0, 1, 1e15) == pytest.approx(0.3)
     assert model_flops_utilization(1e15, 0.0, 8, 1e15) == 0.0
+
+
+def test_inputs_and_the_experiment_description_reach_mlflow(run_dir: Path, tiny_data: Path) -> None:
+    from hypertrain.run_record import dataset_inputs
+
+    evals = run_dir.parent / "eval_set"
+    shutil.copytree(tiny_data, evals)
+    tracker = Tracker(run_dir, experiment="described", experiment_description="what these runs are")
+    run_id = tracker.start({"a": 1}, {"mlflow.note.content": "one line"})
+    tracker.log_inputs(dataset_inputs([tiny_data], [evals / "manifest.json", run_dir / "missing"]))
+    tracker.close()
+    client = MlflowClient(tracker.tracking_uri)
+    run = client.get_run(run_id)
+    assert run.data.tags["mlflow.note.content"] == "one line"
+    contexts = sorted({t.value for d in run.inputs.dataset_inputs for t in d.tags})
+    assert contexts == ["eval", "training"] and len(run.inputs.dataset_inputs) == 2  # the missing one is skipped
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.note.content"] == "what these runs are"
+    client.set_experiment_tag(run.info.experiment_id, "mlflow.note.content", "the user's own note")
+    again = Tracker(run_dir, experiment="described", experiment_description="what these runs are")
+    again.start({}, {})
+    again.close()
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.note.content"] == "the user's own note"
+    assert again.experiment_id == run.info.experiment_id
+
+
+def test_run_records_describe_each_method_and_keep_only_its_sections() -> None:
+    from hypertrain.config import Config, load_config
+    from hypertrain.run_record import compare_link, run_description, runs_link, source_tags, used_params
+
+    repo = Path(__file__).resolve().parents[1]
+    hypertuning = load_config(Config, repo / "configs" / "hart_tiny.yaml", ["method=hypertuning", "hart.generator=parallel",
+                                                                                 "hart.alpha=0.0"])
+    line = run_description(hypertuning, ["/d/sni/train"])
+    assert line.startswith("HyperTuning: HART's code with generator=parallel") and "alpha=0" in line
+    assert "data sni/train" in line
+    pha = load_config(Config, repo / "configs" / "pha_tiny.yaml", [])
+    assert set(used_params(pha)) == {"method", "model", "data", "train", "eval", "run", "pha"}
+    assert "hart" not in used_params(pha) and "sni_prep" not in used_params(hypertuning)
+    assert source_tags(["hypertrain/main.py", "--config", "a b.yaml"])["mlflow.source.name"] == (
+        "hypertrain/main.py --config 'a b.yaml'")
+    assert runs_link("http://u:pw@host:5000/", "3") == "http://***@host:5000/#/experiments/3/runs?workflowType=machine_learning"
+    assert compare_link("sqlite:///x.db", ["1"], ["ab"]).startswith("http://127.0.0.1:5000/#/compare-runs?runs=%5B%22ab")

@@ -130,7 +130,20 @@ def check_finished_run(run_dir: Path, steps: int) -> None:
     assert [m.step for m in history] == list(range(1, steps + 1))
     assert {"lr", "grad_norm", "samples_per_s", "tokens_per_s", "data_wait_s", "loss/lm", "loss/consistency"} <= set(run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert "deepspeed_config.json" in artifacts and "manifests" in artifacts
+    assert {"deepspeed_config.json", "manifests", "config.yaml", "command.json"} <= artifacts
+    # what the run says about itself (issue 19): description, who and how, datasets, only the sections it uses
+    tags = run.data.tags
+    assert tags["mlflow.note.content"].startswith("HART: the hypernetwork decodes") and "Model tiny" in tags[
+        "mlflow.note.content"]
+    assert tags["mlflow.source.name"].startswith("hypertrain/main.py") and tags["mlflow.source.type"] == "LOCAL"
+    assert tags["mlflow.user"]
+    assert not any(k.startswith(("sni_prep.", "p3_prep.", "c4_prep.", "pha.", "lora.")) for k in run.data.params)
+    (dataset,) = run.inputs.dataset_inputs
+    assert dataset.dataset.name.startswith("sni/test:") and {t.key: t.value for t in dataset.tags} == {
+        "mlflow.data.context": "training"}
+    assert json.loads(dataset.dataset.profile)["episodes"] == 8
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert "`loss/lm`" in experiment.tags["mlflow.note.content"]
 
 
 def test_zero3_loads_partitioned_and_trains(tiny_data, tiny_checkpoint, tmp_path):
