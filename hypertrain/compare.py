@@ -1,13 +1,14 @@
 """``hypertrain compare``: training runs side by side, read from MLflow — a table and PNG plots.
 
     hypertrain compare --tracking-uri runs/demo/mlflow.db --experiment demo --out runs/demo/compare
-    hypertrain compare --runs 3f2a... 9b1c... --metric 'eval/sni/rougeL' 'eval/sni/category/*/rougeL'
+    hypertrain compare --runs 3f2a... 9b1c... --metric 'eval/sni/rougeL' 'eval/sni/rougeL/*'
     hypertrain compare --layout hart-table2 --experiment hart-repro --tracking-uri runs/repro
 
 Runs come from ``MlflowClient.search_runs`` (``--experiment``, newest first) or by id (``--runs``). The table has
 one row per run: method, model, steps, the last logged training loss (the mean over the last ``run.log_every``
 steps), the final value of every selected ``eval/...`` metric (whatever the evaluation logged: S-NI
-``rougeL``/``exact_match`` overall and per category, P3 accuracy, ..., all on a 0-100 scale), samples/s (total
+``rougeL``/``exact_match`` overall and per category, P3 accuracy, ..., shown on a 0-100 scale whether the run logged
+fractions or, before ``hypertrain.metric_names`` 2, percentages; see :mod:`hypertrain.metric_names`), samples/s (total
 samples over total step time) and MFU (when the run logged one). ``--out`` receives ``comparison.md``,
 ``comparison.csv`` (the same columns as raw numbers, empty where missing) and three plots: ``loss.png`` (loss curves
 overlaid), ``eval.png`` (eval metrics as grouped bars) and ``throughput.png`` (samples/s and MFU or tokens/s).
@@ -31,10 +32,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from hypertrain.metric_names import readable_eval, training_key
 from hypertrain.tracking import open_client, redact
 
 DEFAULT_METRICS = ("eval/*/rougeL", "eval/*/exact_match", "eval/*/accuracy", "eval/*/dataset_median_average",
-                   "eval/*/category/*/rougeL", "eval/*/dataset/*/median")
+                   "eval/*/rougeL/*", "eval/*/median/*")
 """Eval metrics shown when ``--metric`` is not given (globs; those a run did not log are left out)."""
 TRAIN_LOSS = "train loss (last window)"
 """The table's loss column: the mean over the last ``run.log_every`` steps (what the trainer logs), not one step."""
@@ -119,15 +121,18 @@ def select_metrics(names: Sequence[str], patterns: Sequence[str]) -> list[str]:
 def summarize_run(client: Any, run: Any, metric_patterns: Sequence[str]) -> RunSummary:
     data = run.data
     params, tags, metrics = data.params, data.tags, data.metrics
-    loss = _history(client, run.info.run_id, "loss") if "loss" in metrics else []
-    samples = [v for _, v in _history(client, run.info.run_id, "samples_per_s")] if "samples_per_s" in metrics else []
+    key = {short: training_key(short, tags) for short in ("loss", "samples_per_s", "tokens_per_s", "train_time_s",
+                                                          "samples_total")}
+    loss = _history(client, run.info.run_id, key["loss"]) if key["loss"] in metrics else []
+    samples = [v for _, v in _history(client, run.info.run_id, key["samples_per_s"])] if key["samples_per_s"] in metrics else []
     throughput = _mean_steady(samples)  # runs logged before the totals existed
-    if metrics.get("train_time_s") and "samples_total" in metrics:  # total samples / total step time
-        throughput = metrics["samples_total"] / metrics["train_time_s"]
-    tokens = [v for _, v in _history(client, run.info.run_id, "tokens_per_s")] if "tokens_per_s" in metrics else []
+    if metrics.get(key["train_time_s"]) and key["samples_total"] in metrics:  # total samples / total step time
+        throughput = metrics[key["samples_total"]] / metrics[key["train_time_s"]]
+    tokens = [v for _, v in _history(client, run.info.run_id, key["tokens_per_s"])] if key["tokens_per_s"] in metrics else []
     mfu_keys = [k for k in metrics if MFU_PATTERN.search(k)]
     mfu = _mean_steady([v for _, v in _history(client, run.info.run_id, mfu_keys[0])]) if mfu_keys else None
-    eval_names = select_metrics([k for k in metrics if k.startswith("eval/")], metric_patterns)
+    scores = readable_eval(metrics, tags)  # today's names, 0-100
+    eval_names = select_metrics(list(scores), metric_patterns)
     return RunSummary(
         experiment_id=run.info.experiment_id,
         run_id=run.info.run_id,
@@ -136,11 +141,11 @@ def summarize_run(client: Any, run: Any, metric_patterns: Sequence[str]) -> RunS
         model=tags.get("model") or params.get("model.name", "?"),
         status=run.info.status,
         steps=loss[-1][0] if loss else None,
-        train_loss=loss[-1][1] if loss else metrics.get("loss"),
+        train_loss=loss[-1][1] if loss else metrics.get(key["loss"]),
         samples_per_s=throughput,
         tokens_per_s=_mean_steady(tokens),
         mfu=mfu,
-        eval={name: metrics[name] for name in eval_names},
+        eval={name: scores[name] for name in eval_names},
         loss_history=loss,
     )
 
@@ -186,9 +191,11 @@ def load_runs(
 
 
 def metric_label(name: str) -> str:
-    """``eval/sni/category/String_Edits/rougeL`` → ``sni String_Edits rougeL``."""
+    """``eval/sni/rougeL/String_Edits`` → ``sni String_Edits rougeL``; ``eval/sni/rougeL`` → ``sni rougeL``."""
     parts = name.split("/")[1:]
-    return " ".join(p for p in parts if p not in ("category", "dataset"))
+    if len(parts) == 3:
+        return f"{parts[0]} {parts[2]} {parts[1]}"
+    return " ".join(parts)
 
 
 def _fmt(value: float | int | None, digits: int = 2) -> str:
@@ -292,7 +299,8 @@ def eval_axis_label(columns: Sequence[str]) -> str:
     """The eval plot's y axis: the metrics shown, on their 0-100 scale."""
     names = {"rougeL": "ROUGE-L", "exact_match": "exact match", "accuracy": "accuracy",
              "dataset_median_average": "dataset-median accuracy", "median": "median accuracy"}
-    shown = list(dict.fromkeys(names.get(c.rsplit("/", 1)[-1], c.rsplit("/", 1)[-1]) for c in columns))
+    metric = [c.split("/")[2] if c.count("/") >= 2 else c for c in columns]  # eval/<set>/<metric>[/<family>]
+    shown = list(dict.fromkeys(names.get(m, m) for m in metric))
     return f"{' / '.join(shown)} (0-100)"
 
 

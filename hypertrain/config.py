@@ -431,6 +431,8 @@ class RunConfig:
     """Peak FLOP/s of one device for the logged MFU (default: looked up from the GPU's name; none on CPU)."""
     tracking_flush_timeout: float = 30.0
     """Seconds the end of a run waits for unsent MLflow rows (a down server never blocks training itself)."""
+    system_metrics_interval: float = 10.0
+    """Seconds between system-metric samples (MLflow's CPU, memory, disk, network and GPU monitors) on rank 0; 0: none."""
 
     def __post_init__(self) -> None:
         _at_least(self, "run", ("checkpoint_every", "keep_last", "log_every"), 1)

@@ -43,6 +43,9 @@ from hypertrain.data.stream import check_shards, load_source, task_list
 from hypertrain.ds_config import zero_stage
 from hypertrain.evaluation.runner import evaluate_in_training
 from hypertrain.flops import peak_flops
+from hypertrain.metric_names import VERSION as METRIC_NAMES_VERSION
+from hypertrain.metric_names import VERSION_TAG as METRIC_NAMES_TAG
+from hypertrain.metric_names import sectioned, sectioned_row
 from hypertrain.run_record import (
     EXPERIMENT_DESCRIPTION,
     dataset_inputs,
@@ -238,7 +241,8 @@ class Trainer:
         run = self.cfg.run
 
         def backfill(after: int) -> list[tuple[int, dict[str, float]]]:
-            return backfill_rows(self.run_dir / METRICS_FILE, after, start_step, run.log_every, self.cfg.train.total_steps)
+            rows = backfill_rows(self.run_dir / METRICS_FILE, after, start_step, run.log_every, self.cfg.train.total_steps)
+            return [(at, sectioned_row(row)) for at, row in rows]
 
         return Tracker(
             self.run_dir,
@@ -248,6 +252,7 @@ class Trainer:
             run_id=run_id or (read_run_id(self.run_dir) if self.rank == 0 else None),
             backfill=backfill,
             experiment_description=EXPERIMENT_DESCRIPTION,
+            progress_metric=sectioned("loss"),
         )
 
     def _check_shards(self, sources) -> None:
@@ -366,6 +371,7 @@ class Trainer:
         params["model.trainable_parameters"] = self.trainable_parameters
         tags = self._tags(sources)
         tags.update(source_tags())
+        tags[METRIC_NAMES_TAG] = METRIC_NAMES_VERSION
         tags["mlflow.note.content"] = run_description(cfg, [s.directory for s in sources])
         if init is not None:
             tags.update(init.tags())
@@ -373,8 +379,14 @@ class Trainer:
             tags["hypertrain.resume_fallback"] = f"step {step}: {fallback}"
         # On resume the tracker adds only missing params and records changed values as an artifact.
         tracker.start(params=params, tags=tags)
+        system = None
         if self.rank == 0:
             log.info("%s", runs_link_hint(tracker.tracking_uri, tracker.experiment_id))
+            if cfg.run.system_metrics_interval > 0:
+                from hypertrain.system_metrics import SystemMetrics
+
+                system = SystemMetrics(lambda values, at: tracker.log_metrics(values, step=at), lambda: step,
+                                       cfg.run.system_metrics_interval).start()
         if self.rank == 0 and resume_from is None:
             tracker.log_dict(ds_cfg, "deepspeed_config.json")
             tracker.log_dict(dataclasses.asdict(cfg), "config.yaml")
@@ -504,7 +516,7 @@ class Trainer:
                     window.append(row)
                     if step % cfg.run.log_every == 0 or step == cfg.train.total_steps:
                         logged = window_metrics(window)
-                        tracker.log_metrics(logged, step=step)
+                        tracker.log_metrics(sectioned_row(logged), step=step)
                         log.info("step %d loss %.4f (mean of the last %d steps) lr %.2e %.1f samples/s", step,
                                  logged["loss"], len(window), row["lr"], logged["samples_total"] / logged["train_time_s"])
                         window = []
@@ -538,6 +550,8 @@ class Trainer:
             status = "FAILED"
             raise
         finally:
+            if system is not None:
+                system.stop()
             tracker.close(status=status, timeout=cfg.run.tracking_flush_timeout)
         return exit_code
 

@@ -41,7 +41,7 @@ def p3_dataset(*datasets: str) -> Score:
     """T0's number for a held-out dataset: the median accuracy over its prompts; several datasets (ANLI's rounds)
     are averaged. HART's ANLI column is the mean of the R1-R3 medians: its T0-3B row (33.4) is T0's published R1,
     R2, R3 medians (33.84, 33.11, 33.33) averaged."""
-    return mean_of(*(metric(f"eval/p3/dataset/{d}/median") for d in datasets))
+    return mean_of(*(metric(f"eval/p3/median/{d}") for d in datasets))
 
 
 SNI_ROUGE = metric("eval/sni/rougeL")
@@ -216,9 +216,9 @@ def sni_categories_layout(metrics_by_run: Mapping[str, Metrics]) -> tuple[list[s
     header = ["run", *[f"{c} ({short})" for c, _, short in columns], "overall ROUGE-L"]
     rows = []
     for name, metrics in metrics_by_run.items():
-        if not any(k.startswith("eval/sni/category/") for k in metrics):
+        if not any(k.count("/") == 3 and k.startswith("eval/sni/") for k in metrics):
             continue
-        cells = [_cell(metrics.get(f"eval/sni/category/{c.replace(' ', '_')}/{m}")) for c, m, _ in columns]
+        cells = [_cell(metrics.get(f"eval/sni/{m}/{c.replace(' ', '_')}")) for c, m, _ in columns]
         rows.append([name, *cells, _cell(metrics.get("eval/sni/rougeL"))])
     return header, rows
 

@@ -33,9 +33,9 @@ METHOD_SECTIONS = {"hart": "hart", "hypertuning": "hart", "pha": "pha", "prefix_
 """Each method's own config section (logged as params besides the common ones)."""
 COMMON_SECTIONS = ("model", "data", "train", "eval", "run")
 EXPERIMENT_DESCRIPTION = (
-    "hypertrain runs. `loss` is each method's whole objective (HART adds alpha x consistency, PHA lambda x (IR + "
-    "prototype)), so it compares runs of one method only; `loss/lm`, the main model's cross-entropy on the target, "
-    "compares across methods. Eval scores (`eval/...`) are 0-100."
+    "hypertrain runs. `train/loss` is each method's whole objective (HART adds alpha x consistency, PHA lambda x (IR "
+    "+ prototype)), so it compares runs of one method only; `train/loss/lm`, the main model's cross-entropy on the "
+    "target, compares across methods. Eval scores (`eval/<set>/<metric>[/<family>]`) are fractions: 0.006 is 0.6%."
 )
 
 

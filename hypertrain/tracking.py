@@ -170,6 +170,10 @@ class Tracker:
     the tracking backend is unreachable; the tracker keeps trying in the background). Once the run exists its
     id is written to ``<run_dir>/mlflow_run.json``.
 
+    ``progress_metric`` is the metric every logged step carries (the trainer's ``train/loss``): on resume its last step
+    in MLflow says which steps MLflow has. ``experiment_description`` becomes the experiment's ``mlflow.note.content``
+    when it has none.
+
     ``backfill(after_step)`` returns the ``(step, metrics)`` rows of earlier attempts of this training run that
     MLflow lacks (steps after ``after_step``, the last step MLflow has): they are sent first. Rows for steps MLflow
     already has (logged before a crash, computed again after the resume) are not sent twice.
@@ -186,6 +190,7 @@ class Tracker:
         run_id: str | None = None,
         backfill: Callable[[int], list[tuple[int, dict[str, float]]]] | None = None,
         experiment_description: str | None = None,
+        progress_metric: str = "loss",
         max_buffer: int = 100_000,
         flush_interval: float = 0.5,
         start_timeout: float = 30.0,
@@ -202,6 +207,7 @@ class Tracker:
         self.run_id: str | None = run_id
         self.experiment_id: str | None = None
         self.experiment_description = experiment_description
+        self.progress_metric = progress_metric
         self.dropped = 0
         self.max_buffer = max(1, int(max_buffer))
         self.flush_interval = flush_interval
@@ -545,7 +551,8 @@ class Tracker:
             )
         except OSError as err:
             log.warning("tracking: cannot write %s: %s", self.run_dir / RUN_ID_FILE, err)
-        history = client.get_metric_history(run_id, "loss") if reopened else []  # a new run holds nothing
+        # the last step MLflow has: of the metric every logged step carries (a new run holds nothing)
+        history = client.get_metric_history(run_id, self.progress_metric) if reopened else []
         self._logged_through = max((m.step for m in history), default=-1)
         if self._backfill is not None:
             rows = self._backfill(self._logged_through)

@@ -94,10 +94,11 @@ def test_compare_prints_the_table_and_writes_valid_pngs(two_runs, tmp_path, caps
     assert {row["run_id"] for row in table} == set(ids.values())
     for row in table:  # raw numbers, not the table's formatted strings
         run = client.get_run(row["run_id"])
-        assert float(row["eval/sni/rougeL"]) == run.data.metrics["eval/sni/rougeL"]
-        assert float(row["train_loss_last_window"]) == run.data.metrics["loss"]
+        # MLflow holds fractions (metric names version 2); compare shows the papers' 0-100 scale
+        assert float(row["eval/sni/rougeL"]) == pytest.approx(100 * run.data.metrics["eval/sni/rougeL"])
+        assert float(row["train_loss_last_window"]) == run.data.metrics["train/loss"]
         # throughput: total samples over total step time (not a mean of per-window rates)
-        assert float(row["samples_per_s"]) == pytest.approx(STEPS * 8 / run.data.metrics["train_time_s"])
+        assert float(row["samples_per_s"]) == pytest.approx(STEPS * 8 / run.data.metrics["perf/train_time_s"])
         assert row["mfu"] == ""  # none logged on CPU: empty, not "-"
     assert (out / "comparison.md").read_text().startswith("| run ")
     for name in ("loss.png", "eval.png", "throughput.png"):
@@ -126,20 +127,34 @@ def test_compare_says_what_is_missing(two_runs, tmp_path, capsys):
 
 
 def test_metric_globs_stay_within_a_path_segment():
-    names = ["eval/sni/rougeL", "eval/sni/exact_match", "eval/sni/category/Arithmetic/rougeL",
-             "eval/sni/category/Arithmetic/exact_match", "eval/sni/time_s", "eval/p3/accuracy"]
+    names = ["eval/sni/rougeL", "eval/sni/exact_match", "eval/sni/rougeL/Arithmetic",
+             "eval/sni/exact_match/Arithmetic", "eval/sni/time_s", "eval/p3/accuracy"]
     assert select_metrics(names, DEFAULT_METRICS) == [
-        "eval/sni/rougeL", "eval/sni/exact_match", "eval/p3/accuracy", "eval/sni/category/Arithmetic/rougeL"]
-    assert select_metrics(names, ["eval/**/exact_match"]) == ["eval/sni/category/Arithmetic/exact_match",
-                                                              "eval/sni/exact_match"]
-    assert not glob_regex("eval/*/rougeL").match("eval/sni/category/x/rougeL")
-    assert metric_label("eval/sni/category/String_Edits/rougeL") == "sni String_Edits rougeL"
+        "eval/sni/rougeL", "eval/sni/exact_match", "eval/p3/accuracy", "eval/sni/rougeL/Arithmetic"]
+    assert select_metrics(names, ["eval/sni/exact_match**"]) == ["eval/sni/exact_match",
+                                                                 "eval/sni/exact_match/Arithmetic"]
+    assert not glob_regex("eval/*/rougeL").match("eval/sni/rougeL/x")
+    assert metric_label("eval/sni/rougeL/String_Edits") == "sni String_Edits rougeL"
+    assert metric_label("eval/sni/rougeL") == "sni rougeL"
+
+
+def test_runs_of_both_metric_conventions_read_alike():
+    from hypertrain.metric_names import VERSION, VERSION_TAG, readable_eval, sectioned
+
+    earlier = {"eval/sni/rougeL": 47.5, "eval/sni/category/Word_Analogy/exact_match": 20.0,
+               "eval/p3/dataset/hellaswag/median": 30.0, "eval/sni/num_examples": 8.0, "loss": 1.0}
+    today = {"eval/sni/rougeL": 0.475, "eval/sni/exact_match/Word_Analogy": 0.2, "eval/p3/median/hellaswag": 0.3,
+             "eval/sni/num_examples": 8.0, "train/loss": 1.0}
+    assert readable_eval(earlier, {}) == pytest.approx(readable_eval(today, {VERSION_TAG: VERSION}))
+    assert readable_eval(today, {VERSION_TAG: VERSION})["eval/sni/rougeL"] == pytest.approx(47.5)
+    assert [sectioned(k) for k in ("loss", "loss/lm", "lr", "grad_norm", "samples_per_s", "memory_mb", "eval/x/y")] == [
+        "train/loss", "train/loss/lm", "opt/lr", "opt/grad_norm", "perf/samples_per_s", "perf/memory_mb", "eval/x/y"]
 
 
 def test_the_eval_axis_names_the_metrics_and_their_scale():
     from hypertrain.compare import eval_axis_label
 
-    assert eval_axis_label(["eval/sni/rougeL", "eval/sni/category/Arithmetic/rougeL", "eval/sni/exact_match"]) == (
+    assert eval_axis_label(["eval/sni/rougeL", "eval/sni/rougeL/Arithmetic", "eval/sni/exact_match"]) == (
         "ROUGE-L / exact match (0-100)")
     assert eval_axis_label(["eval/p3/accuracy"]) == "accuracy (0-100)"
 

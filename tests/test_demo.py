@@ -131,8 +131,9 @@ def test_demo_end_to_end_at_its_smallest_size_and_the_cached_main_model(tmp_path
     for name in ("ft_few_shot", "hart", "pha"):
         run = runs[name]
         assert run.info.status == "FINISHED" and run.data.params["model.name"] == str(models[0])
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")][-1] == 8
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")][-1] == 8
         assert run.data.metrics["eval/sni_test/num_examples"] == 8  # 2 held-out tasks x 4 examples
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/sni_test/rougeL")] == [4, 8]
         assert 0 < run.data.metrics["eval/sni_seen_tasks/num_examples"] <= 8 * 4  # new instances of training tasks
         assert (out / "runs" / name / "checkpoints" / "latest").is_file()
     assert runs["ft_few_shot"].data.params["data.main_input"] == "few_shot"

@@ -6,7 +6,9 @@ The real prep shards of both samples are evaluated by a briefly trained tiny HAR
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import json
 import math
 import os
@@ -287,10 +289,13 @@ def test_two_ranks_give_the_one_rank_result(eval_dirs, exports, tmp_path):
     predictions = [json.loads(line) for line in one["p3_predictions.jsonl"].splitlines()]
     assert len(predictions) == 17 and len({p["id"] for p in predictions}) == 17
     assert len(one["sni_predictions.jsonl"].splitlines()) == 20
-    assert set(one) == {"metrics.json", "sni_predictions.jsonl", "sni_tasks.csv", "p3_predictions.jsonl",
-                        "p3_tasks.csv", "p3_datasets.csv"}
+    assert set(one) == {"metrics.json", "sni_predictions.jsonl", "sni_predictions.csv", "sni_tasks.csv",
+                        "p3_predictions.jsonl", "p3_predictions.csv", "p3_tasks.csv", "p3_datasets.csv"}
     row = json.loads(one["sni_predictions.jsonl"].splitlines()[0])
     assert {"task", "id", "prediction", "references", "exact_match", "rougeL"} <= set(row)
+    table = list(csv.DictReader(io.StringIO(one["sni_predictions.csv"])))  # the same rows, in columns for the UI
+    assert len(table) == 20 and table[0]["prediction"] == row["prediction"]
+    assert table[0]["references"] == " | ".join(row["references"])
 
 
 def test_pha_rank_shares_merge_into_the_one_rank_rows(eval_dirs, exports):
@@ -353,8 +358,8 @@ def test_training_on_two_ranks_evaluates_like_the_standalone_one_rank_eval(eval_
 
     client = MlflowClient(tracking_uri=f"sqlite:///{run_dir}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("hypertrain").experiment_id])
-    for key in ("eval/sni/rougeL", "eval/sni/category/word_analogy/exact_match", "eval/p3/accuracy",
-                "eval/p3/dataset/hellaswag/median"):
+    for key in ("eval/sni/rougeL", "eval/sni/exact_match/word_analogy", "eval/p3/accuracy",
+                "eval/p3/median/hellaswag"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2], key
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "eval/step-00000002")}
     assert "eval/step-00000002/sni_predictions.jsonl" in logged and "eval/step-00000002/p3_tasks.csv" in logged
@@ -386,8 +391,9 @@ def test_in_training_hook_keeps_rng_mode_and_consistency_reference(eval_dirs, tm
     assert torch.equal(method.consistency.state_tensors()["previous"], reference)
     (metrics, step), = tracker.metrics
     assert step == 2
-    assert {"eval/sni/rougeL", "eval/sni/exact_match", "eval/p3/accuracy", "eval/p3/dataset/hellaswag/median",
-            "eval/sni/category/word_analogy/rougeL", "eval/p3/dataset/openbookqa_main/mean"} <= set(metrics)
+    assert {"eval/sni/rougeL", "eval/sni/exact_match", "eval/p3/accuracy", "eval/p3/median/hellaswag",
+            "eval/sni/rougeL/word_analogy", "eval/p3/mean/openbookqa_main"} <= set(metrics)
+    assert all(0.0 <= metrics[k] <= 1.0 for k in metrics if k.split("/")[2] in ("rougeL", "accuracy", "median"))
     out = tmp_path / "eval" / "step-00000002"
     assert {p.name for p, _ in tracker.artifacts} == {p.name for p in out.iterdir()}
     assert {a for _, a in tracker.artifacts} == {"eval/step-00000002"}

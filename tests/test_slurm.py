@@ -243,7 +243,7 @@ def test_sbatch_trains_two_ranks_to_a_checkpoint_and_an_mlflow_run(tiny_data, tm
     run = runs[0]
     assert run.info.status == "FINISHED"
     assert run.data.tags["slurm_job_id"] == job and run.data.tags["world_size"] == "2"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, 7))
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == list(range(1, 7))
 
 
 def _usr1_requeue_resume(tiny_data: Path, run_dir: Path, **env: str) -> tuple[str, str]:
@@ -276,7 +276,7 @@ def _usr1_requeue_resume(tiny_data: Path, run_dir: Path, **env: str) -> tuple[st
     client, runs = mlflow_runs(run_dir)
     assert len(runs) == 1, "the restarted job must continue the same MLflow run"
     assert runs[0].info.status == "FINISHED"
-    history = [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")]
+    history = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")]
     assert sorted(set(history)) == list(range(1, steps + 1)) and history[-1] == steps
     return job, text
 

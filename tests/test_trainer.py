@@ -126,9 +126,11 @@ def check_finished_run(run_dir: Path, steps: int) -> None:
     assert run.info.status == "FINISHED"
     assert run.data.params["train.optimizer"] == "adamw8bit" and run.data.params["method"] == "hart"
     assert run.data.tags["world_size"] == "2" and run.data.tags["method"] == "hart"
-    history = client.get_metric_history(run.info.run_id, "loss")
+    history = client.get_metric_history(run.info.run_id, "train/loss")
     assert [m.step for m in history] == list(range(1, steps + 1))
-    assert {"lr", "grad_norm", "samples_per_s", "tokens_per_s", "data_wait_s", "loss/lm", "loss/consistency"} <= set(run.data.metrics)
+    assert {"opt/lr", "opt/grad_norm", "perf/samples_per_s", "perf/tokens_per_s", "perf/data_wait_s", "train/loss/lm",
+            "train/loss/consistency"} <= set(run.data.metrics)
+    assert run.data.tags["hypertrain.metric_names"] == "2"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"deepspeed_config.json", "manifests", "config.yaml", "command.json"} <= artifacts
     # what the run says about itself (issue 19): description, who and how, datasets, only the sections it uses
@@ -143,7 +145,8 @@ def check_finished_run(run_dir: Path, steps: int) -> None:
         "mlflow.data.context": "training"}
     assert json.loads(dataset.dataset.profile)["episodes"] == 8
     experiment = client.get_experiment(run.info.experiment_id)
-    assert "`loss/lm`" in experiment.tags["mlflow.note.content"]
+    assert "`train/loss/lm`" in experiment.tags["mlflow.note.content"]
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
 
 
 def test_zero3_loads_partitioned_and_trains(tiny_data, tiny_checkpoint, tmp_path):
@@ -189,7 +192,7 @@ def test_kill9_then_resume_reproduces_the_uninterrupted_losses(tiny_data, tmp_pa
     assert steps_in_file == list(range(1, 25)), "steps computed again after the resume are recorded once"
     client, runs = mlflow_runs(crashed)
     assert len(runs) == 1, "the resumed run must continue the same MLflow run"
-    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")] == list(range(1, 25))
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")] == list(range(1, 25))
 
 
 def test_sigterm_checkpoints_and_exits_zero(tiny_data, tmp_path):

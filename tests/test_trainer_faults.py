@@ -102,7 +102,7 @@ def test_a_backend_down_at_start_still_gives_one_run_with_every_step(tiny_data, 
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     # every step exactly once (MLflow does not promise the order of a history: backfilled steps can come back
     # after later ones)
-    assert sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")) == list(range(1, 7))
+    assert sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")) == list(range(1, 7))
     assert json.loads((run_dir / "mlflow_run.json").read_text())["run_id"] == runs[0].info.run_id
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hypertrain.config import ConfigError
+from hypertrain.metric_names import VERSION as METRIC_NAMES_VERSION
+from hypertrain.metric_names import VERSION_TAG as METRIC_NAMES_TAG
 
 if TYPE_CHECKING:
     import torch
@@ -129,7 +131,8 @@ def _run(args: argparse.Namespace) -> int:
                     "data.main_input": cfg.data.main_input,
                     **{f"eval.{k}": v for k, v in dataclasses.asdict(cfg.eval).items()},
                 }
-                tracker.start(params=params, tags={"hypertrain.kind": "eval", "method": cfg.method})
+                tracker.start(params=params, tags={"hypertrain.kind": "eval", "method": cfg.method,
+                                                   METRIC_NAMES_TAG: METRIC_NAMES_VERSION})
             report(results, tracker, step, out, f"eval/step-{step:08d}")
             for result in results:
                 m = result.metrics

@@ -41,6 +41,7 @@ from hypertrain.evaluation import p3, sni
 from hypertrain.evaluation.adapters import EvalModel, Tokens, eval_model
 from hypertrain.evaluation.data import EvalError, EvalSet, load_eval_sets
 from hypertrain.evaluation.metrics import SNI_METRICS, aggregate_p3, aggregate_sni
+from hypertrain.metric_names import eval_name
 from hypertrain.progress import progress
 
 log = logging.getLogger("hypertrain")
@@ -229,23 +230,24 @@ def _key(name: str) -> str:
 
 
 def flat_metrics(results: Sequence[SetResult]) -> dict[str, float]:
-    """MLflow metrics: overall and per category (S-NI) / per dataset (P3) numbers of every set."""
+    """MLflow metrics (:mod:`hypertrain.metric_names`): per set, each score overall and per family (S-NI category,
+    P3 dataset), as fractions in [0, 1]; the counts and seconds as they are."""
     out: dict[str, float] = {}
     for result in results:
-        m, prefix = result.metrics, f"eval/{result.name}"
-        out[f"{prefix}/num_examples"] = m["num_examples"]
-        out[f"{prefix}/time_s"] = result.seconds
+        m, name = result.metrics, result.name
+        out[eval_name(name, "num_examples")] = m["num_examples"]
+        out[eval_name(name, "time_s")] = result.seconds
         if result.kind == "generation":
             for metric in SNI_METRICS:
-                out[f"{prefix}/{metric}"] = m[metric]
+                out[eval_name(name, metric)] = m[metric] / 100.0
                 for category, values in m["per_category"].items():
-                    out[f"{prefix}/category/{_key(category)}/{metric}"] = values[metric]
+                    out[eval_name(name, metric, _key(category))] = values[metric] / 100.0
         else:
-            out[f"{prefix}/accuracy"] = m["accuracy"]
-            out[f"{prefix}/dataset_median_average"] = m["dataset_median_average"]
+            out[eval_name(name, "accuracy")] = m["accuracy"] / 100.0
+            out[eval_name(name, "dataset_median_average")] = m["dataset_median_average"] / 100.0
             for dataset, values in m["per_dataset"].items():
-                out[f"{prefix}/dataset/{_key(dataset)}/median"] = values["median"]
-                out[f"{prefix}/dataset/{_key(dataset)}/mean"] = values["mean"]
+                out[eval_name(name, "median", _key(dataset))] = values["median"] / 100.0
+                out[eval_name(name, "mean", _key(dataset))] = values["mean"] / 100.0
     return out
 
 
@@ -263,8 +265,10 @@ def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]])
 
 
 def write_results(results: Sequence[SetResult], out_dir: str | Path, step: int | None = None) -> list[Path]:
-    """``metrics.json`` (everything), and per set ``<name>_predictions.jsonl`` and ``<name>_tasks.csv``
-    (P3 also ``<name>_datasets.csv``). Instance scores in the files are ×100, like the aggregates."""
+    """``metrics.json`` (everything), and per set ``<name>_predictions.jsonl``, the same as a table
+    (``<name>_predictions.csv``: the MLflow UI shows it in columns, prediction beside references) and
+    ``<name>_tasks.csv`` (P3 also ``<name>_datasets.csv``). Instance scores in the files are ×100, like the
+    aggregates."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = [out / "metrics.json"]
@@ -295,7 +299,18 @@ def write_results(results: Sequence[SetResult], out_dir: str | Path, step: int |
                 [dataset, v["num_prompts"], v["median"], v["mean"]] for dataset, v in m["per_dataset"].items()
             ])
             files += [predictions, tasks, datasets]
+        files.insert(-2 if result.kind == "generation" else -3, _predictions_table(predictions))
     return files
+
+
+def _predictions_table(jsonl: Path) -> Path:
+    """The predictions file as CSV (lists joined with `` | ``)."""
+    rows = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines() if line.strip()]
+    header = list(rows[0]) if rows else []
+    table = jsonl.with_suffix(".csv")
+    _write_csv(table, header, [[" | ".join(map(str, v)) if isinstance(v, list) else v for v in (r.get(k) for k in header)]
+                               for r in rows])
+    return table
 
 
 def report(results: Sequence[SetResult], tracker: Any, step: int, out_dir: str | Path, artifact_path: str) -> list[Path]:
