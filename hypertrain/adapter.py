@@ -218,10 +218,6 @@ class GeneratedAdapter:
         check_fits(self, main, cfg.model.name)
         return main.eval()
 
-    def to(self, device: str | torch.device) -> GeneratedAdapter:
-        tensors = {k: v.to(device) for k, v in peft_tensors(self.peft).items()}
-        return dataclasses.replace(self, peft=peft_from_tensors(tensors, self.peft.lora_scaling, str(self.directory)))
-
 
 def check_fits(adapter: GeneratedAdapter, main: FrozenT5, name: str) -> None:
     """Raise :class:`AdapterError` unless the adapter's tensors fit ``main``'s layers and widths."""

@@ -83,18 +83,15 @@ class PrefixHead(nn.Module):
         nn.init.uniform_(self.weight, -bound, bound)
         nn.init.uniform_(self.bias, -bound, bound)
 
-    def rows(self, x: Tensor) -> Tensor:
-        """[B, L or 1, n, d_in] → [B, L, n·expand, heads·d_kv]."""
+    def forward(self, x: Tensor, flat: bool = False) -> Tensor:
+        """[B, L or 1, n, d_in] → prefixes [B, L, heads, n·expand, d_kv], or with ``flat`` the rows
+        [B, L, n·expand, heads·d_kv] (a LoRA factor's). Always called as the module (ZeRO-3 gathers then)."""
         batch, _, rows, d_in = x.shape
         x = F.layer_norm(x, (d_in,)) * self.norm_weight[:, None] + self.norm_bias[:, None]
         x = torch.tanh(self.shared(x)).reshape(batch, -1, rows * self.expand, d_in)
         x = x.expand(batch, self.layers, -1, -1)
-        return torch.einsum("blpd,ldo->blpo", x, self.weight) + self.bias[:, None]
-
-    def forward(self, x: Tensor) -> Tensor:
-        """[B, L or 1, n, d_in] → prefixes [B, L, heads, n·expand, d_kv]."""
-        out = self.rows(x)
-        return out.reshape(*out.shape[:3], self.heads, self.d_kv).transpose(2, 3)
+        out = torch.einsum("blpd,ldo->blpo", x, self.weight) + self.bias[:, None]
+        return out if flat else out.reshape(*out.shape[:3], self.heads, self.d_kv).transpose(2, 3)
 
 
 def _split_layers(prefix_key: Tensor, prefix_value: Tensor) -> list[tuple[Tensor, Tensor]]:
@@ -436,7 +433,7 @@ class HartMethod(nn.Module):
 
     def _lora_pairs(self, stack: str, x: Tensor) -> list[dict[str, LoraPair]]:
         """Per layer of ``stack``: projection → (A [B, r, d_in], B [B, d_out, r]) from the heads' rows."""
-        factors = {t: (self.heads[f"{stack}_{t}_a"].rows(x), self.heads[f"{stack}_{t}_b"].rows(x))
+        factors = {t: (self.heads[f"{stack}_{t}_a"](x, flat=True), self.heads[f"{stack}_{t}_b"](x, flat=True))
                    for t in self.lora_targets}  # each [B, L, r, width]
         layers = next(iter(factors.values()))[0].shape[1]
         return [{t: (a[:, layer], b[:, layer].transpose(-1, -2)) for t, (a, b) in factors.items()}
