@@ -28,11 +28,9 @@ import json
 import logging
 import os
 import re
-import resource
 import shutil
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -52,7 +50,6 @@ __all__ = [
     "backfill_rows",
     "default_tags",
     "flatten_params",
-    "memory_metrics",
     "model_flops_utilization",
     "open_client",
     "read_run_id",
@@ -728,18 +725,6 @@ def default_tags(*, method: str, model: str, datasets: Sequence[str], world_size
         if value:
             tags[var.lower()] = value
     return tags
-
-
-def memory_metrics() -> dict[str, float]:
-    """Peak memory in GiB: this process's RSS and, when CUDA is in use, the GPU's allocated/reserved peaks."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    scale = 1 if sys.platform == "darwin" else 1024
-    out = {"mem/cpu_peak_rss_gib": rss * scale / 2**30}
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-        out["mem/gpu_peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        out["mem/gpu_peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
-    return out
 
 
 def model_flops_utilization(

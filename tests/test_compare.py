@@ -85,8 +85,8 @@ def test_compare_prints_the_table_and_writes_valid_pngs(two_runs, tmp_path, caps
     for name, run_id in ids.items():
         run = client.get_run(run_id)
         assert rows[name][2] == "tiny" and rows[name][3] == str(STEPS)
-        assert rows[name][4] == f"{run.data.metrics['loss']:.3f}"  # the last logged training loss
-        assert f"{run.data.metrics['eval/sni/rougeL']:.2f}" in rows[name]
+        assert rows[name][4] == f"{run.data.metrics['train/loss']:.3f}"  # the last logged training loss
+        assert f"{100 * run.data.metrics['eval/sni/rougeL']:.2f}" in rows[name]  # a fraction in MLflow, 0-100 here
 
     assert "train loss (last window)" in header  # a window mean, not the last step the console printed
     with open(out / "comparison.csv", encoding="utf-8") as handle:
@@ -104,6 +104,9 @@ def test_compare_prints_the_table_and_writes_valid_pngs(two_runs, tmp_path, caps
     for name in ("loss.png", "eval.png", "throughput.png"):
         assert_png(out / name)
     assert str(out / "loss.png") in result.stdout
+    experiment = client.get_experiment_by_name("cmp").experiment_id  # where to look in the UI, printed and kept
+    assert f"#/experiments/{experiment}/runs?workflowType=machine_learning" in result.stdout
+    assert "#/compare-runs?runs=" in (out / "links.txt").read_text()
 
 
 def test_compare_selects_runs_and_metrics(two_runs, tmp_path, capsys):

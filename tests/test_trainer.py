@@ -135,7 +135,7 @@ def check_finished_run(run_dir: Path, steps: int) -> None:
     assert {"deepspeed_config.json", "manifests", "config.yaml", "command.json"} <= artifacts
     # what the run says about itself (issue 19): description, who and how, datasets, only the sections it uses
     tags = run.data.tags
-    assert tags["mlflow.note.content"].startswith("HART: the hypernetwork decodes") and "Model tiny" in tags[
+    assert tags["mlflow.note.content"].startswith("HART: the hypernetwork decodes") and f"; {steps} steps, batch 8" in tags[
         "mlflow.note.content"]
     assert tags["mlflow.source.name"].startswith("hypertrain/main.py") and tags["mlflow.source.type"] == "LOCAL"
     assert tags["mlflow.user"]

@@ -130,6 +130,7 @@ def test_sigterm_to_the_node_launcher_ends_in_a_checkpoint_with_workers_alive(ti
     log = log_tail(run_dir, 400)
     assert "killed by signal" not in log, log
     tag = latest_tag(run_dir)
+    assert tag is not None, f"no checkpoint after the launcher's SIGTERM:\n{log}"
     state = json.loads((run_dir / "checkpoints" / tag / "hypertrain_state.json").read_text())
     assert state["reason"] == "signal SIGTERM" and state["step"] == max(metrics(run_dir))
     _, runs = mlflow_runs(sqlite_uri(run_dir))
