@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import hashlib
 import json
@@ -71,16 +72,26 @@ def run_description(cfg: Config, train_dirs: Sequence[str | Path] = ()) -> str:
 
 
 def source_tags(command: Sequence[str] | None = None) -> dict[str, str]:
-    """``mlflow.user``, ``mlflow.source.name`` (the command line) and ``mlflow.source.type`` (JOB under Slurm)."""
+    """``mlflow.user``, ``mlflow.source.name`` (the program), ``mlflow.source.type`` (JOB under Slurm) and
+    ``hypertrain.command`` (the whole command line).
+
+    The UI shows the last ``/``-separated part of the source name, so a command line there reads as the tail of its
+    last path argument (``hart run.experiment=...`` for ``run.dir=runs/hart ...``): the program goes there, relative
+    to the working directory when it is under it, and the exact command into its own tag (and ``command.json``).
+    """
     argv = list(sys.argv if command is None else command)
     try:
         user = getpass.getuser()
     except (KeyError, OSError):  # no passwd entry (some containers)
         user = os.environ.get("USER", "unknown")
+    program = argv[0] if argv else "python"
+    with contextlib.suppress(ValueError):  # outside the working directory: as given
+        program = str(Path(program).resolve().relative_to(Path.cwd()))
     return {
         "mlflow.user": user,
-        "mlflow.source.name": shlex.join(argv)[:500] or "python",
+        "mlflow.source.name": program,
         "mlflow.source.type": "JOB" if os.environ.get("SLURM_JOB_ID") else "LOCAL",
+        "hypertrain.command": shlex.join(argv)[:8000],
     }
 
 

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         ids = [r.info.run_id for r in runs]
         urls = {
             "runs": f"{base}/#/experiments/{exp}/runs?workflowType=machine_learning",
-            "run": f"{base}/#/experiments/{exp}/runs/{pick.info.run_id}",
+            "run": f"{base}/#/experiments/{exp}/runs/{pick.info.run_id}?workflowType=machine_learning",
             "compare": f"{base}/#/compare-runs?runs={quote(json.dumps(ids), safe='')}"
                        f"&experiments={quote(json.dumps([exp]), safe='')}",
         }

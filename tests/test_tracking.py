@@ -386,7 +386,8 @@ def test_run_records_describe_each_method_and_keep_only_its_sections() -> None:
     pha = load_config(Config, repo / "configs" / "pha_tiny.yaml", [])
     assert set(used_params(pha)) == {"method", "model", "data", "train", "eval", "run", "pha"}
     assert "hart" not in used_params(pha) and "sni_prep" not in used_params(hypertuning)
-    assert source_tags(["hypertrain/main.py", "--config", "a b.yaml"])["mlflow.source.name"] == (
-        "hypertrain/main.py --config 'a b.yaml'")
+    tags = source_tags([str(Path.cwd() / "hypertrain" / "main.py"), "--config", "a b.yaml", "run.dir=runs/hart"])
+    assert tags["mlflow.source.name"] == "hypertrain/main.py"  # the UI shows its last part: main.py
+    assert tags["hypertrain.command"].endswith("main.py --config 'a b.yaml' run.dir=runs/hart")
     assert runs_link("http://u:pw@host:5000/", "3") == "http://***@host:5000/#/experiments/3/runs?workflowType=machine_learning"
     assert compare_link("sqlite:///x.db", ["1"], ["ab"]).startswith("http://127.0.0.1:5000/#/compare-runs?runs=%5B%22ab")

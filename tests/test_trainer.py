@@ -137,7 +137,8 @@ def check_finished_run(run_dir: Path, steps: int) -> None:
     tags = run.data.tags
     assert tags["mlflow.note.content"].startswith("HART: the hypernetwork decodes") and f"; {steps} steps, batch 8" in tags[
         "mlflow.note.content"]
-    assert tags["mlflow.source.name"].startswith("hypertrain/main.py") and tags["mlflow.source.type"] == "LOCAL"
+    assert tags["mlflow.source.name"] == "hypertrain/main.py" and tags["mlflow.source.type"] == "LOCAL"
+    assert tags["hypertrain.command"].startswith("hypertrain/main.py --local_rank=0 --config")
     assert tags["mlflow.user"]
     assert not any(k.startswith(("sni_prep.", "p3_prep.", "c4_prep.", "pha.", "lora.")) for k in run.data.params)
     (dataset,) = run.inputs.dataset_inputs
