@@ -48,6 +48,26 @@ class AdapterError(ValueError):
     """An adapter directory that cannot be used as asked; the message names the file and what is wrong."""
 
 
+def jsonl_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line of a user's JSONL file; errors name the file and line."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise AdapterError(f"{path}: cannot read ({err})") from None
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise AdapterError(f"{path} line {number}: not JSON ({err.msg})") from None
+        if not isinstance(record, dict):
+            raise AdapterError(f"{path} line {number}: not a JSON object")
+        records.append((number, record))
+    return records
+
+
 # --------------------------------------------------------------------------------------------------
 # PeftParams <-> named tensors
 # --------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hypertrain.adapter import AdapterError
+from hypertrain.adapter import AdapterError, jsonl_records
 
 if TYPE_CHECKING:
     import torch
@@ -64,23 +64,11 @@ class InputFormat:
 
 def read_examples(path: Path) -> list[dict[str, str]]:
     """Input/output pairs from a JSONL file, one ``{"input": ..., "output": ...}`` object per line."""
-    examples = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as err:
-        raise AdapterError(f"{path}: not valid UTF-8 ({err.reason})") from None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise AdapterError(f"{path} line {number}: not JSON ({err.msg})") from None
+    for number, record in (records := jsonl_records(path)):
         for key in ("input", "output"):
-            if not isinstance(record, dict) or not isinstance(record.get(key), str):
+            if not isinstance(record.get(key), str):
                 raise AdapterError(f"{path} line {number}: field '{key}' is missing or not a string")
-        examples.append(record)
-    return examples
+    return [record for _, record in records]
 
 
 def read_task(task_file: str | None, definition: str | None, examples_file: str | None) -> UserTask:

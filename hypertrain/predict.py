@@ -14,24 +14,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hypertrain.adapter import AdapterError
+from hypertrain.adapter import AdapterError, jsonl_records
 
 
 def read_inputs(path: Path) -> list[dict[str, Any]]:
     """``{"input": ..., "choices": [...] (optional)}`` per line; other fields (e.g. ``output``) are kept."""
     rows = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise AdapterError(f"{path}: cannot read ({err})") from None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise AdapterError(f"{path} line {number}: not JSON ({err.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("input"), str):
+    for number, row in jsonl_records(path):
+        if not isinstance(row.get("input"), str):
             raise AdapterError(f"{path} line {number}: field 'input' is missing or not a string")
         choices = row.get("choices")
         if choices is not None and (not isinstance(choices, list) or len(choices) < 2
