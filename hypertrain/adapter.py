@@ -242,8 +242,7 @@ class GeneratedAdapter:
 def check_fits(adapter: GeneratedAdapter, main: FrozenT5, name: str) -> None:
     """Raise :class:`AdapterError` unless the adapter's tensors fit ``main``'s layers and widths."""
     shape = adapter.config["main_model_shape"]
-    actual = {"encoder_layers": main.num_encoder_layers, "decoder_layers": main.num_decoder_layers,
-              "d_model": main.d_model, "num_heads": main.num_heads, "d_kv": main.d_kv}
+    actual = main_model_shape(main)
     if actual != shape:
         diff = ", ".join(f"{k} {actual[k]} (adapter: {shape.get(k)})" for k in actual if actual[k] != shape.get(k))
         raise AdapterError(f"{adapter.directory / CONFIG_FILE}: main model {name!r} does not match the adapter: {diff}")

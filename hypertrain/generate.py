@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 from hypertrain.adapter import AdapterError, jsonl_records
 
 if TYPE_CHECKING:
-    import torch
 
     from hypertrain.config import Config
 
@@ -143,18 +142,11 @@ def hypernetwork_text(task: UserTask, fmt: InputFormat) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def _tokens(cfg: Config, tokenizer: Any, device: torch.device) -> Any:
-    from hypertrain.evaluation.adapters import Tokens
-
-    return Tokens(tokenizer, cfg.data.max_input_tokens, cfg.data.max_target_tokens, cfg.data.max_hyper_input_tokens,
-                  device, cfg.data.main_input, input_eos=cfg.eval.input_eos)
-
-
-def _episodes(task: UserTask, with_targets: bool = True) -> list[Any]:
+def _episodes(task: UserTask) -> list[Any]:
     from hypertrain.episode import Episode
 
     return [Episode(id=f"{task.name}-{i}", task=task.name, source="user", categories=[], hyper_input="",
-                    input=e["input"], targets=[e["output"]] if with_targets else [""]) for i, e in enumerate(task.examples)]
+                    input=e["input"], targets=[e["output"]]) for i, e in enumerate(task.examples)]
 
 
 def tune_prototype(method: Any, tokens: Any, episodes: list[Any], steps: int, lr: float) -> list[float]:
@@ -217,6 +209,7 @@ def generate(checkpoint: str | Path, task: UserTask, out: str | Path, *, device:
     import torch
 
     from hypertrain import adapter
+    from hypertrain.evaluation.adapters import Tokens
     from hypertrain.export import load_trained_method, read_run_info, resolve_checkpoint
     from hypertrain.models.registry import load_tokenizer
 
@@ -231,7 +224,7 @@ def generate(checkpoint: str | Path, task: UserTask, out: str | Path, *, device:
         raise AdapterError(f"{task.where}: no examples")
     started = time.perf_counter()
     method, cfg, _tasks = load_trained_method(source, device, verify="none")  # resolve_checkpoint verified it
-    tokens = _tokens(cfg, load_tokenizer(cfg.model.tokenizer or cfg.model.name), torch.device(device))
+    tokens = Tokens.for_config(cfg, load_tokenizer(cfg.model.tokenizer or cfg.model.name), device)
     loaded = time.perf_counter()
     config: dict[str, Any] = {"format": adapter.FORMAT, "version": adapter.VERSION, "task": task.name}
     if cfg.method == "pha":

@@ -42,13 +42,13 @@ def predict(adapter_dir: str | Path, rows: Sequence[dict[str, Any]], *, device: 
     from hypertrain import adapter
     from hypertrain.episode import Episode
     from hypertrain.evaluation import p3, sni
-    from hypertrain.generate import _tokens
+    from hypertrain.evaluation.adapters import Tokens
     from hypertrain.models.registry import load_tokenizer
 
     generated = adapter.load(adapter_dir, device)
     cfg = generated.run_config
     main = generated.main_model(device, main_model)
-    tokens = _tokens(cfg, load_tokenizer(cfg.model.tokenizer or main_model or cfg.model.name), torch.device(device))
+    tokens = Tokens.for_config(cfg, load_tokenizer(cfg.model.tokenizer or main_model or cfg.model.name), device)
     size = batch_size or cfg.eval.batch_size
     episodes = [Episode(id=str(i), task=generated.config["task"], source="user", categories=[], hyper_input="",
                         input=row["input"], targets=[str(row.get("output", ""))], choices=row.get("choices"))

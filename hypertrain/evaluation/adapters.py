@@ -53,6 +53,12 @@ class Tokens:
         self.main_input_mode = main_input_mode
         self.input_eos = input_eos
 
+    @classmethod
+    def for_config(cls, cfg: Any, tokenizer: Any, device: torch.device | str) -> Tokens:
+        """The tokenization a run's configuration says (``data`` budgets and main input, ``eval.input_eos``)."""
+        return cls(tokenizer, cfg.data.max_input_tokens, cfg.data.max_target_tokens, cfg.data.max_hyper_input_tokens,
+                   torch.device(device), cfg.data.main_input, input_eos=cfg.eval.input_eos)
+
     def _encode(self, texts: Sequence[str], max_length: int, special_tokens: bool = True) -> tuple[Tensor, Tensor]:
         out = self.tokenizer(list(texts), max_length=max_length, truncation=True, padding="longest", return_tensors="pt",
                              add_special_tokens=special_tokens)

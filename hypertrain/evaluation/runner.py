@@ -212,8 +212,7 @@ def evaluate(
         if not cfg.eval.data:
             raise EvalError("eval.data: no evaluation directories given")
         sets = cached_eval_sets(cfg.eval.data, cfg.eval.max_examples_per_task)
-    tokens = Tokens(tokenizer, cfg.data.max_input_tokens, cfg.data.max_target_tokens, cfg.data.max_hyper_input_tokens, device,
-                    cfg.data.main_input, input_eos=cfg.eval.input_eos)
+    tokens = Tokens.for_config(cfg, tokenizer, device)
     model = eval_model(method, tokens, cfg.eval.batch_size, cfg.eval.retrieval_instances)
     synced = world_size > 1 and is_partitioned(method)
     with eval_mode(method):
